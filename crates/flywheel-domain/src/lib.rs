@@ -1,0 +1,13 @@
+//! Flywheel's domain: plain types and functions with no I/O.
+//!
+//! Everything here is deterministic given its inputs (time comes in through
+//! [`clock::Clock`], randomness through an `RngCore`), so the server and the
+//! SDKs share it and it is unit-tested without a database or a network.
+
+pub mod clock;
+pub mod error;
+pub mod keys;
+pub mod project;
+pub mod snapshot;
+
+pub use error::{DomainError, ErrorKind};

@@ -1,0 +1,246 @@
+//! The one error envelope every 4xx/5xx uses:
+//! `{"error":{"code":"snake_case_code","message":"…"}}`.
+//!
+//! Kinds map to statuses in exactly one place ([`status_for`]). A 5xx logs
+//! the whole cause chain and answers a generic message: database or internal
+//! error text never reaches a client.
+
+use std::borrow::Cow;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::FromRequest;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flywheel_domain::{DomainError, ErrorKind};
+use flywheel_store::StoreError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable, machine-readable, snake_case. Match on this, not on `message`.
+    #[schema(example = "invalid_api_key")]
+    pub code: Cow<'static, str>,
+    /// Human-readable explanation; may change between versions.
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: Cow<'static, str>,
+    pub message: String,
+    /// Present for 5xx only: logged, never sent.
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+pub fn status_for(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn internal(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal".into(),
+            message: "an internal error occurred; it has been logged".into(),
+            source: Some(source.into()),
+        }
+    }
+
+    fn unavailable(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "store_unavailable".into(),
+            message: "the store is unavailable; retry later".into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(error: DomainError) -> Self {
+        if error.kind == ErrorKind::Internal {
+            return ApiError::internal(error);
+        }
+        ApiError::new(status_for(error.kind), error.code, error.message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => ApiError::not_found("not_found", "not found"),
+            StoreError::Conflict(what) => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{what} already exists"),
+            ),
+            StoreError::Unavailable(_) => ApiError::unavailable(error),
+            StoreError::Internal(_) => ApiError::internal(error),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(source) = &self.source {
+            let mut chain = source.to_string();
+            let mut cause = source.source();
+            while let Some(next) = cause {
+                chain.push_str(": ");
+                chain.push_str(&next.to_string());
+                cause = next.source();
+            }
+            tracing::error!(status = self.status.as_u16(), code = %self.code, error = %chain, "request failed");
+        }
+        let body = ErrorEnvelope {
+            error: ErrorBody {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// `axum::Json` whose rejections use the error envelope.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let status = rejection.status();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        _ => "invalid_json",
+    };
+    // 422 from serde (a well-formed document of the wrong shape) is reported as
+    // 400 like every other validation failure, keeping 4xx codes few.
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    ApiError::new(status, code, rejection.body_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_map_to_statuses() {
+        assert_eq!(status_for(ErrorKind::Invalid), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status_for(ErrorKind::Unauthorized),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(status_for(ErrorKind::Forbidden), StatusCode::FORBIDDEN);
+        assert_eq!(status_for(ErrorKind::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(status_for(ErrorKind::Conflict), StatusCode::CONFLICT);
+        assert_eq!(
+            status_for(ErrorKind::LimitExceeded),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            status_for(ErrorKind::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_for(ErrorKind::Internal),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[tokio::test]
+    async fn internal_errors_never_leak_their_text() {
+        let error: ApiError =
+            StoreError::Internal("relation \"secret_table\" does not exist".into()).into();
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!text.contains("secret_table"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["error"]["code"], "internal");
+    }
+
+    #[tokio::test]
+    async fn domain_errors_keep_code_and_message() {
+        let error: ApiError = DomainError::invalid("invalid_project_name", "too long").into();
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "invalid_project_name");
+        assert_eq!(json["error"]["message"], "too long");
+    }
+}
+
+impl From<crate::projects::ProjectError> for ApiError {
+    fn from(error: crate::projects::ProjectError) -> Self {
+        match error {
+            crate::projects::ProjectError::Invalid(e) => e.into(),
+            crate::projects::ProjectError::Store(e) => e.into(),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Flywheel's HTTP server as a library. The `flywheel` binary is a thin CLI
+//! over [`start`]; integration tests call [`start`] too, on port 0.
+//!
+//! Boundaries: this crate owns HTTP (axum), settings, telemetry and the
+//! in-memory decision snapshot. Storage is reached only through the
+//! `flywheel_store::Store` trait; rules live in `flywheel_domain`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use flywheel_domain::clock::SharedClock;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub mod auth;
+pub mod error;
+pub mod openapi;
+pub mod projects;
+pub mod routes;
+pub mod settings;
+pub mod snapshot;
+pub mod state;
+pub mod telemetry;
+
+pub use settings::Settings;
+pub use state::AppState;
+
+use crate::error::ApiError;
+use crate::projects::CreatedProject;
+use crate::snapshot::SnapshotCache;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A server that is accepting connections.
+#[derive(Debug)]
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    state: AppState,
+    /// The `default` project, when this start created it (an empty store).
+    pub bootstrap: Option<CreatedProject>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// A token that, once cancelled, starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish (up to the
+    /// configured grace period), stops background work, and returns.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Runs until the shutdown token is cancelled and the server has drained.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("the server task panicked")?
+    }
+}
+
+/// Opens the store, loads the snapshot, binds and starts serving.
+pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<RunningServer> {
+    let store = flywheel_store::open(&settings.store_options())
+        .await
+        .context("cannot open the store")?;
+    let bootstrap = projects::ensure_default_project(store.as_ref(), clock.as_ref())
+        .await
+        .context("cannot create the default project")?;
+    let snapshot = Arc::new(
+        SnapshotCache::load_from(store.clone())
+            .await
+            .context("cannot load configuration")?,
+    );
+    let state = AppState {
+        store,
+        snapshot: snapshot.clone(),
+        clock,
+        metrics: telemetry::metrics_handle(),
+    };
+    let listener = TcpListener::bind(settings.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.bind))?;
+    let local_addr = listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let background = CancellationToken::new();
+    let watcher = tokio::spawn(snapshot::watch(
+        snapshot,
+        Duration::from_millis(settings.snapshot.poll_interval_ms.max(10)),
+        background.clone(),
+    ));
+    let app = app(state.clone(), &settings);
+    let grace = Duration::from_secs(settings.http.shutdown_grace_secs);
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let serve =
+            axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        let outcome = tokio::select! {
+            served = serve => served.context("the HTTP server failed"),
+            _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish within the grace period");
+                Ok(())
+            }
+        };
+        // HTTP has drained: now stop and flush background work.
+        background.cancel();
+        if let Err(error) = watcher.await {
+            tracing::warn!(error = %error, "the snapshot watcher ended abnormally");
+        }
+        tracing::info!("shutdown complete");
+        outcome
+    });
+    tracing::info!(address = %local_addr, backend = state.store.backend().as_str(), "flywheel is listening");
+    Ok(RunningServer {
+        local_addr,
+        state,
+        bootstrap,
+        shutdown,
+        task,
+    })
+}
+
+/// The complete application: routes plus the middleware every request passes.
+pub fn app(state: AppState, settings: &Settings) -> Router {
+    let timeout = Duration::from_secs(settings.http.request_timeout_secs.max(1));
+    routes::router()
+        .layer(middleware::from_fn(telemetry::track_http))
+        .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
+                    tracing::error!("a request handler panicked");
+                    ApiError::internal("handler panicked").into_response()
+                }))
+                .layer(middleware::from_fn(move |request: Request, next: Next| {
+                    enforce_timeout(timeout, request, next)
+                })),
+        )
+}
+
+async fn enforce_timeout(timeout: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} s", timeout.as_secs()),
+        )
+        .into_response(),
+    }
+}

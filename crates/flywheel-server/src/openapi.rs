@@ -1,0 +1,61 @@
+//! The OpenAPI 3.1 document, generated from the handlers' annotations. It is
+//! committed as `openapi.json` at the repository root; a test and CI fail
+//! when the committed copy differs from what the code generates.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Flywheel",
+        description = "Self-hosted product-led-growth engine: events, flags, entitlements, growth graph.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        routes::health::healthz,
+        routes::health::readyz,
+        routes::health::metrics,
+        routes::health::openapi,
+        routes::project::current_project,
+        routes::keys::list_keys,
+        routes::keys::create_key,
+        routes::keys::revoke_key,
+    ),
+    components(schemas(crate::error::ErrorEnvelope, crate::error::ErrorBody)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "operations", description = "Health, readiness, metrics, contract"),
+        (name = "projects", description = "The calling key's project"),
+        (name = "keys", description = "API key management (secret keys)"),
+    )
+)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("pk_… (publishable) or sk_… (secret)")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as pretty JSON with a trailing newline, exactly as committed.
+pub fn document_json() -> String {
+    let mut json = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    json.push('\n');
+    json
+}

@@ -1,0 +1,38 @@
+//! HTTP routers, one per area, composed in [`router`]. Handlers are thin:
+//! parse, call one service function, map the result.
+
+use axum::http::{Method, StatusCode, Uri};
+use axum::Router;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub mod health;
+pub mod keys;
+pub mod project;
+
+/// Every route of the API.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(health::router())
+        .merge(project::router())
+        .merge(keys::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

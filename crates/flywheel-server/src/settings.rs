@@ -1,0 +1,476 @@
+//! One `Settings` struct, layered: built-in defaults → `flywheel.toml` →
+//! `FLYWHEEL_*` environment variables → command-line flags.
+//!
+//! The environment is passed in rather than read here, so loading is a pure
+//! function of its inputs and tests need not touch the process environment.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The commented example configuration printed by `flywheel print-config`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../flywheel.example.toml");
+
+const ENV_PREFIX: &str = "FLYWHEEL_";
+/// Variables with the prefix that are not settings but are understood elsewhere.
+const NON_SETTING_VARS: &[&str] = &["FLYWHEEL_CONFIG", "FLYWHEEL_TEST_POSTGRES_URL"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub bind: SocketAddr,
+    pub log: LogSettings,
+    pub http: HttpSettings,
+    pub store: StoreSettings,
+    pub snapshot: SnapshotSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./flywheel-data"),
+            database_url: None,
+            bind: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            log: LogSettings::default(),
+            http: HttpSettings::default(),
+            store: StoreSettings::default(),
+            snapshot: SnapshotSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub body_limit_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            body_limit_bytes: 1024 * 1024,
+            request_timeout_secs: 30,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    pub max_connections: u32,
+    pub busy_timeout_ms: u64,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            busy_timeout_ms: 5000,
+            acquire_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotSettings {
+    pub poll_interval_ms: u64,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 250,
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CliOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+}
+
+/// Where the configuration file comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigFile {
+    /// `flywheel.toml` in the working directory, if it exists.
+    Default,
+    /// A path that must exist.
+    Explicit(PathBuf),
+}
+
+/// Settings plus what the operator should be told about them.
+#[derive(Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    /// Human-readable warnings (unknown `FLYWHEEL_` variables).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("cannot read {var} from {path}: {source}")]
+    SecretFile {
+        var: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("both {0} and {0}_FILE are set; set only one")]
+    Ambiguous(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+impl Settings {
+    /// Builds the settings from all layers. `env` is the process environment
+    /// (`std::env::vars()` in the binary).
+    pub fn load(
+        file: ConfigFile,
+        env: impl IntoIterator<Item = (String, String)>,
+        cli: &CliOverrides,
+    ) -> Result<Loaded, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match file {
+            ConfigFile::Default => {
+                let path = Path::new("flywheel.toml");
+                if path.exists() {
+                    figment = figment.merge(Toml::file_exact(path));
+                }
+            }
+            ConfigFile::Explicit(path) => {
+                if !path.exists() {
+                    return Err(SettingsError::MissingFile(path));
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+        }
+        let (env_values, warnings) = settings_from_env(env)?;
+        for (key, value) in env_values {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        figment = figment.merge(Serialized::defaults(cli));
+        let settings = figment
+            .extract()
+            .map_err(|e| SettingsError::Invalid(Box::new(e)))?;
+        Ok(Loaded { settings, warnings })
+    }
+
+    /// Parses a TOML document on top of the defaults (no environment, no flags).
+    pub fn from_toml(text: &str) -> Result<Settings, SettingsError> {
+        Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| SettingsError::Invalid(Box::new(e)))
+    }
+
+    pub fn store_options(&self) -> flywheel_store::StoreOptions {
+        flywheel_store::StoreOptions {
+            database_url: self.database_url.clone(),
+            data_dir: self.data_dir.clone(),
+            max_connections: self.store.max_connections,
+            busy_timeout: Duration::from_millis(self.store.busy_timeout_ms),
+            acquire_timeout: Duration::from_millis(self.store.acquire_timeout_ms),
+        }
+    }
+}
+
+/// Every dotted key the settings have (`http.body_limit_bytes`, …).
+fn known_keys() -> BTreeSet<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, child) in map {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&path, child, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string());
+            }
+        }
+    }
+    let mut keys = BTreeSet::new();
+    let defaults = serde_json::to_value(Settings::default()).expect("settings serialize");
+    walk("", &defaults, &mut keys);
+    keys
+}
+
+type EnvValues = Vec<(String, Value)>;
+
+/// Maps `FLYWHEEL_*` variables to setting keys; `_FILE` variables are read
+/// from disk. Unknown variables become warnings, not errors, so that an old
+/// variable left in an environment does not stop a deploy.
+fn settings_from_env(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(EnvValues, Vec<String>), SettingsError> {
+    let known = known_keys();
+    let key_of = |name: &str| name.to_ascii_lowercase().replace("__", ".");
+    let mut plain = Vec::new();
+    let mut from_files = Vec::new();
+    let mut warnings = Vec::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if NON_SETTING_VARS.contains(&name.as_str()) {
+            continue;
+        }
+        if known.contains(&key_of(rest)) {
+            plain.push((name.clone(), key_of(rest), value));
+        } else if let Some(base) = rest
+            .strip_suffix("_FILE")
+            .filter(|base| known.contains(&key_of(base)))
+        {
+            from_files.push((
+                name.clone(),
+                format!("{ENV_PREFIX}{base}"),
+                key_of(base),
+                PathBuf::from(value),
+            ));
+        } else {
+            warnings.push(format!(
+                "ignoring unknown environment variable {name}: it matches no setting (see `flywheel print-config`)"
+            ));
+        }
+    }
+    let mut values: EnvValues = plain
+        .iter()
+        .map(|(_, key, value)| {
+            (
+                key.clone(),
+                value
+                    .parse::<Value>()
+                    .expect("parsing a value is infallible"),
+            )
+        })
+        .collect();
+    for (var, base_var, key, path) in from_files {
+        if plain.iter().any(|(name, _, _)| *name == base_var) {
+            return Err(SettingsError::Ambiguous(base_var));
+        }
+        let contents =
+            std::fs::read_to_string(&path).map_err(|source| SettingsError::SecretFile {
+                var: var.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        // A secret file is taken verbatim but for the trailing newline editors add.
+        let secret = contents.trim_end_matches(['\n', '\r']).to_string();
+        values.push((key, Value::from(secret)));
+    }
+    warnings.sort();
+    Ok((values, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load(pairs: &[(&str, &str)], cli: &CliOverrides) -> Result<Loaded, SettingsError> {
+        Settings::load(ConfigFile::Default, env(pairs), cli)
+    }
+
+    #[test]
+    fn the_example_config_is_exactly_the_defaults() {
+        assert_eq!(
+            Settings::from_toml(EXAMPLE_CONFIG).unwrap(),
+            Settings::default()
+        );
+    }
+
+    #[test]
+    fn defaults_bind_to_loopback_and_use_the_embedded_store() {
+        let settings = load(&[], &CliOverrides::default()).unwrap().settings;
+        assert!(settings.bind.ip().is_loopback());
+        assert_eq!(settings.database_url, None);
+        assert_eq!(settings.data_dir, PathBuf::from("./flywheel-data"));
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_cli() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.toml");
+        std::fs::write(
+            &file,
+            "bind = \"127.0.0.1:1000\"\ndata_dir = \"/from/file\"\n[http]\nbody_limit_bytes = 5\n",
+        )
+        .unwrap();
+        let cli = CliOverrides {
+            bind: Some("127.0.0.1:3000".parse().unwrap()),
+            ..Default::default()
+        };
+        let loaded = Settings::load(
+            ConfigFile::Explicit(file),
+            env(&[
+                ("FLYWHEEL_BIND", "127.0.0.1:2000"),
+                ("FLYWHEEL_HTTP__BODY_LIMIT_BYTES", "7"),
+                ("FLYWHEEL_LOG__FORMAT", "json"),
+            ]),
+            &cli,
+        )
+        .unwrap();
+        let s = loaded.settings;
+        assert_eq!(
+            s.bind,
+            "127.0.0.1:3000".parse().unwrap(),
+            "flag beats env and file"
+        );
+        assert_eq!(s.http.body_limit_bytes, 7, "env beats file");
+        assert_eq!(
+            s.data_dir,
+            PathBuf::from("/from/file"),
+            "file beats defaults"
+        );
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors_naming_the_key() {
+        let err = Settings::from_toml("[http]\nbody_limit = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("body_limit"), "{err}");
+        let err = Settings::from_toml("colour = \"blue\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_key() {
+        let err = load(
+            &[("FLYWHEEL_BIND", "not an address")],
+            &CliOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_vars_are_warnings() {
+        let loaded = load(
+            &[
+                ("FLYWHEEL_COLOUR", "blue"),
+                ("FLYWHEEL_CONFIG", "x"),
+                ("OTHER", "1"),
+            ],
+            &CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(loaded.warnings.len(), 1);
+        assert!(loaded.warnings[0].contains("FLYWHEEL_COLOUR"));
+    }
+
+    #[test]
+    fn file_suffix_reads_secrets_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("db");
+        std::fs::write(&secret, "postgres://u:p@h/db\n").unwrap();
+        let loaded = load(
+            &[("FLYWHEEL_DATABASE_URL_FILE", secret.to_str().unwrap())],
+            &CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.settings.database_url.as_deref(),
+            Some("postgres://u:p@h/db")
+        );
+
+        let missing = load(
+            &[("FLYWHEEL_DATABASE_URL_FILE", "/nonexistent/x")],
+            &CliOverrides::default(),
+        );
+        assert!(matches!(missing, Err(SettingsError::SecretFile { .. })));
+
+        let both = load(
+            &[
+                ("FLYWHEEL_DATABASE_URL_FILE", secret.to_str().unwrap()),
+                ("FLYWHEEL_DATABASE_URL", "postgres://x@y/z"),
+            ],
+            &CliOverrides::default(),
+        );
+        assert!(matches!(both, Err(SettingsError::Ambiguous(_))));
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        let err = Settings::load(
+            ConfigFile::Explicit("/nonexistent/flywheel.toml".into()),
+            env(&[]),
+            &CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SettingsError::MissingFile(_)));
+    }
+
+    #[test]
+    fn known_keys_cover_nested_tables() {
+        let keys = known_keys();
+        for key in [
+            "bind",
+            "data_dir",
+            "database_url",
+            "http.body_limit_bytes",
+            "snapshot.poll_interval_ms",
+        ] {
+            assert!(keys.contains(key), "{key}");
+        }
+    }
+}

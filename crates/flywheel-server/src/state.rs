@@ -1,0 +1,25 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+
+use flywheel_domain::clock::SharedClock;
+use flywheel_store::Store;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::snapshot::SnapshotCache;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub snapshot: Arc<SnapshotCache>,
+    pub clock: SharedClock,
+    pub metrics: PrometheusHandle,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}

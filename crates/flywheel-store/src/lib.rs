@@ -1,0 +1,321 @@
+//! Flywheel's storage: one [`Store`] interface, two backends.
+//!
+//! * [`sqlite::SqliteStore`], the embedded default: one file in the data
+//!   directory, WAL mode, one writer connection (SQLite allows one writer at a
+//!   time anyway, and a single writer never meets `SQLITE_BUSY` from itself)
+//!   plus a pool of readers.
+//! * [`postgres::PgStore`], for scale-out: any number of nodes on one database,
+//!   configuration changes fanned out with `LISTEN`/`NOTIFY`.
+//!
+//! The backend is chosen once, from the database URL, by [`open`].
+//! Boundaries: this crate knows SQL and the domain types; it knows nothing of
+//! HTTP, settings files or the in-memory snapshot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::snapshot::ProjectConfig;
+
+pub mod postgres;
+pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// Which backend a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Failures of the store, by kind. Database text stays inside `source`, for
+/// logs; the HTTP layer never shows it to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule was violated; the string names what collided.
+    #[error("conflict on {0}")]
+    Conflict(&'static str),
+    /// The database cannot be reached (connection refused, pool exhausted).
+    #[error("the store is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("the store failed")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Classifies a driver error. `conflict` names what a unique violation means
+    /// for the operation at hand.
+    pub(crate) fn from_sqlx(error: sqlx::Error, conflict: &'static str) -> Self {
+        match &error {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(conflict),
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(error),
+            _ => StoreError::Internal(Box::new(error)),
+        }
+    }
+
+    pub(crate) fn internal(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Internal(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::from_sqlx(error, "unique value")
+    }
+}
+
+/// A signal from a [`ConfigListener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSignal {
+    /// This project's configuration changed.
+    Project(ProjectId),
+    /// Changes may have been missed (e.g. a reconnect): reload everything.
+    Resync,
+}
+
+/// Pushes configuration changes made by any process on the same store.
+#[async_trait]
+pub trait ConfigListener: Send {
+    async fn next(&mut self) -> Result<ConfigSignal, StoreError>;
+}
+
+/// Configuration changes after a given sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigChanges {
+    /// The highest sequence number seen (the argument when there was nothing new).
+    pub latest_seq: i64,
+    /// Projects changed after the argument, each once.
+    pub projects: Vec<ProjectId>,
+}
+
+/// The storage interface every backend implements; the store test-suite in
+/// `tests/store_suite.rs` runs against each.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    fn backend(&self) -> Backend;
+
+    /// Reachable, and every migration this binary knows is applied.
+    async fn check_ready(&self) -> Result<(), StoreError>;
+
+    /// Creates a project and its initial keys in one transaction.
+    /// `Conflict("project name")` when the name is taken.
+    async fn create_project(
+        &self,
+        project: &Project,
+        keys: &[ApiKeyRecord],
+    ) -> Result<(), StoreError>;
+
+    async fn list_projects(&self) -> Result<Vec<Project>, StoreError>;
+
+    async fn project_by_id(&self, id: ProjectId) -> Result<Option<Project>, StoreError>;
+
+    async fn project_by_name(&self, name: &str) -> Result<Option<Project>, StoreError>;
+
+    /// Adds a key to an existing project (`NotFound` if it does not exist).
+    async fn insert_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+
+    /// All keys of a project, revoked ones included, oldest first.
+    async fn list_keys(&self, project: ProjectId) -> Result<Vec<ApiKeyRecord>, StoreError>;
+
+    /// Revokes a key. Idempotent: revoking a revoked key keeps the first
+    /// revocation time. `NotFound` if the project has no such key.
+    async fn revoke_key(
+        &self,
+        project: ProjectId,
+        key: KeyId,
+        at: DateTime<Utc>,
+    ) -> Result<ApiKeyRecord, StoreError>;
+
+    /// A project with its active keys, as the decision snapshot holds it.
+    async fn load_project_config(
+        &self,
+        project: ProjectId,
+    ) -> Result<Option<ProjectConfig>, StoreError>;
+
+    async fn load_all_project_configs(&self) -> Result<Vec<ProjectConfig>, StoreError>;
+
+    /// The sequence number of the latest configuration change (0 when none).
+    async fn latest_config_seq(&self) -> Result<i64, StoreError>;
+
+    /// Changes recorded after `after_seq`.
+    async fn config_changes_since(&self, after_seq: i64) -> Result<ConfigChanges, StoreError>;
+
+    /// A push channel for changes, where the backend has one (PostgreSQL);
+    /// `None` means the caller polls [`Store::config_changes_since`].
+    async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError>;
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `sqlite://…` or `postgres://…`; `None` means the embedded default.
+    pub database_url: Option<String>,
+    /// Where the embedded SQLite database lives when no URL is given.
+    pub data_dir: PathBuf,
+    pub max_connections: u32,
+    /// How long a SQLite writer waits for another process's lock.
+    pub busy_timeout: Duration,
+    /// How long to wait for a connection before reporting the store unavailable.
+    pub acquire_timeout: Duration,
+}
+
+impl StoreOptions {
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            database_url: None,
+            data_dir: data_dir.into(),
+            max_connections: 16,
+            busy_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a store could not be opened. Shown to the operator, so it says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("unsupported database URL scheme `{0}`: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedScheme(String),
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {backend} at {target}")]
+    Connect {
+        backend: &'static str,
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply {backend} migrations")]
+    Migrate {
+        backend: &'static str,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// Opens the store the options describe and applies its migrations.
+pub async fn open(options: &StoreOptions) -> Result<Arc<dyn Store>, OpenError> {
+    match options.database_url.as_deref() {
+        None => {
+            std::fs::create_dir_all(&options.data_dir).map_err(|source| OpenError::DataDir {
+                path: options.data_dir.clone(),
+                source,
+            })?;
+            let path = options.data_dir.join("flywheel.db");
+            Ok(Arc::new(sqlite::SqliteStore::open(&path, options).await?))
+        }
+        Some(url) if url.starts_with("sqlite:") => {
+            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            Ok(Arc::new(
+                sqlite::SqliteStore::open(path.as_ref(), options).await?,
+            ))
+        }
+        Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+            Ok(Arc::new(postgres::PgStore::open(url, options).await?))
+        }
+        Some(url) => {
+            let scheme = url.split(':').next().unwrap_or(url);
+            Err(OpenError::UnsupportedScheme(scheme.to_string()))
+        }
+    }
+}
+
+/// Hides the password of a database URL, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}://{}:***{}",
+                    &url[..scheme_end],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Times a store operation into the `flywheel_store_operation_seconds` histogram.
+pub(crate) async fn timed<T>(
+    backend: Backend,
+    op: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let result = work.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!(
+        "flywheel_store_operation_seconds",
+        "backend" => backend.as_str(),
+        "op" => op,
+        "outcome" => outcome,
+    )
+    .record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Collapses a change list to distinct projects, keeping first-seen order.
+pub(crate) fn distinct_projects(changed: impl IntoIterator<Item = ProjectId>) -> Vec<ProjectId> {
+    let mut seen = std::collections::HashSet::new();
+    changed.into_iter().filter(|id| seen.insert(*id)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_schemes_are_refused_with_the_scheme_named() {
+        let mut options = StoreOptions::embedded("unused");
+        options.database_url = Some("mysql://root@localhost/db".into());
+        let err = open(&options).await.unwrap_err();
+        assert!(err.to_string().contains("`mysql`"), "{err}");
+    }
+
+    #[test]
+    fn distinct_projects_keeps_first_order() {
+        let (a, b) = (ProjectId::new_v7(), ProjectId::new_v7());
+        assert_eq!(distinct_projects([b, a, b, a]), vec![b, a]);
+    }
+}

@@ -1,0 +1,373 @@
+//! The scale-out backend: PostgreSQL shared by any number of nodes.
+//!
+//! Invariants:
+//! * Every configuration write inserts a `config_changes` row and calls
+//!   `pg_notify('flywheel_config_changes', project_id)` in its transaction,
+//!   so the notification is delivered exactly when the change is visible.
+//! * Identity sequence numbers may commit out of order across sessions, so
+//!   nodes follow NOTIFY rather than polling `seq`; after a lost listener
+//!   connection they reload everything ([`ConfigSignal::Resync`]).
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use flywheel_domain::keys::{KeyHash, KeyKind};
+use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::snapshot::ProjectConfig;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::{
+    distinct_projects, redact_url, timed, Backend, ConfigChanges, ConfigListener, ConfigSignal,
+    OpenError, Store, StoreError, StoreOptions,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The NOTIFY channel carrying changed project ids.
+pub const CONFIG_CHANNEL: &str = "flywheel_config_changes";
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, OpenError> {
+        let connect = |source| OpenError::Connect {
+            backend: "postgres",
+            target: redact_url(url),
+            source,
+        };
+        let connect_options = PgConnectOptions::from_str(url)
+            .map_err(connect)?
+            .application_name("flywheel");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(2))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect_options)
+            .await
+            .map_err(connect)?;
+        // sqlx takes an advisory lock here, so nodes starting together migrate once.
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| OpenError::Migrate {
+                backend: "postgres",
+                source,
+            })?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn record_change(
+        tx: &mut sqlx::PgConnection,
+        project: ProjectId,
+        entity: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO config_changes (project_id, entity, changed_at) VALUES ($1, $2, $3)",
+        )
+        .bind(project.0)
+        .bind(entity)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CONFIG_CHANNEL)
+            .bind(project.0.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn keys_where(
+        &self,
+        sql_filter: &str,
+        project: ProjectId,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let sql = format!(
+            "SELECT id, project_id, kind, prefix, key_hash, label, created_at, revoked_at \
+             FROM api_keys WHERE project_id = $1 {sql_filter} ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(project.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+}
+
+fn project_from_row(row: &PgRow) -> Result<Project, StoreError> {
+    Ok(Project {
+        id: ProjectId(row.try_get("id")?),
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn key_from_row(row: &PgRow) -> Result<ApiKeyRecord, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    Ok(ApiKeyRecord {
+        id: KeyId(row.try_get("id")?),
+        project_id: ProjectId(row.try_get("project_id")?),
+        kind: KeyKind::parse(&kind).ok_or_else(|| {
+            StoreError::internal(sqlx::Error::Decode(
+                format!("unknown key kind {kind}").into(),
+            ))
+        })?,
+        prefix: row.try_get("prefix")?,
+        hash: KeyHash::from_slice(&hash).ok_or_else(|| {
+            StoreError::internal(sqlx::Error::Decode("key hash is not 32 bytes".into()))
+        })?,
+        label: row.try_get("label")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+async fn insert_key_row(tx: &mut sqlx::PgConnection, key: &ApiKeyRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, project_id, kind, prefix, key_hash, label, created_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(key.id.0)
+    .bind(key.project_id.0)
+    .bind(key.kind.as_str())
+    .bind(&key.prefix)
+    .bind(key.hash.as_bytes())
+    .bind(&key.label)
+    .bind(key.created_at)
+    .bind(key.revoked_at)
+    .execute(tx)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "api key"))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        timed(Backend::Postgres, "check_ready", async {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&self.pool)
+                    .await?;
+            let expected = MIGRATOR.iter().map(|m| m.version).max();
+            if applied != expected {
+                return Err(StoreError::internal(sqlx::Error::Protocol(format!(
+                    "schema at migration {applied:?}, binary expects {expected:?}"
+                ))));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_project(
+        &self,
+        project: &Project,
+        keys: &[ApiKeyRecord],
+    ) -> Result<(), StoreError> {
+        timed(Backend::Postgres, "create_project", async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("INSERT INTO projects (id, name, created_at) VALUES ($1, $2, $3)")
+                .bind(project.id.0)
+                .bind(&project.name)
+                .bind(project.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "project name"))?;
+            for key in keys {
+                insert_key_row(&mut tx, key).await?;
+            }
+            Self::record_change(&mut tx, project.id, "project", project.created_at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>, StoreError> {
+        timed(Backend::Postgres, "list_projects", async {
+            let rows =
+                sqlx::query("SELECT id, name, created_at FROM projects ORDER BY created_at, id")
+                    .fetch_all(&self.pool)
+                    .await?;
+            rows.iter().map(project_from_row).collect()
+        })
+        .await
+    }
+
+    async fn project_by_id(&self, id: ProjectId) -> Result<Option<Project>, StoreError> {
+        timed(Backend::Postgres, "project_by_id", async {
+            let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE id = $1")
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(project_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn project_by_name(&self, name: &str) -> Result<Option<Project>, StoreError> {
+        timed(Backend::Postgres, "project_by_name", async {
+            let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(project_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn insert_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        timed(Backend::Postgres, "insert_key", async {
+            let mut tx = self.pool.begin().await?;
+            // Lock the project row so a concurrent delete cannot slip in between.
+            let exists: Option<Uuid> =
+                sqlx::query_scalar("SELECT id FROM projects WHERE id = $1 FOR SHARE")
+                    .bind(key.project_id.0)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            insert_key_row(&mut tx, key).await?;
+            Self::record_change(&mut tx, key.project_id, "api_key", key.created_at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_keys(&self, project: ProjectId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        timed(Backend::Postgres, "list_keys", self.keys_where("", project)).await
+    }
+
+    async fn revoke_key(
+        &self,
+        project: ProjectId,
+        key: KeyId,
+        at: DateTime<Utc>,
+    ) -> Result<ApiKeyRecord, StoreError> {
+        timed(Backend::Postgres, "revoke_key", async {
+            let mut tx = self.pool.begin().await?;
+            let row = sqlx::query(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 AND project_id = $3 \
+                 RETURNING id, project_id, kind, prefix, key_hash, label, created_at, revoked_at",
+            )
+            .bind(at)
+            .bind(key.0)
+            .bind(project.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+            let record = key_from_row(&row)?;
+            Self::record_change(&mut tx, project, "api_key", at).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn load_project_config(
+        &self,
+        project: ProjectId,
+    ) -> Result<Option<ProjectConfig>, StoreError> {
+        timed(Backend::Postgres, "load_project_config", async {
+            let Some(found) = self.project_by_id(project).await? else {
+                return Ok(None);
+            };
+            let keys = self.keys_where("AND revoked_at IS NULL", project).await?;
+            Ok(Some(ProjectConfig {
+                project: found,
+                keys,
+            }))
+        })
+        .await
+    }
+
+    async fn load_all_project_configs(&self) -> Result<Vec<ProjectConfig>, StoreError> {
+        timed(Backend::Postgres, "load_all_project_configs", async {
+            let projects = self.list_projects().await?;
+            let mut configs = Vec::with_capacity(projects.len());
+            for project in projects {
+                let keys = self
+                    .keys_where("AND revoked_at IS NULL", project.id)
+                    .await?;
+                configs.push(ProjectConfig { project, keys });
+            }
+            Ok(configs)
+        })
+        .await
+    }
+
+    async fn latest_config_seq(&self) -> Result<i64, StoreError> {
+        timed(Backend::Postgres, "latest_config_seq", async {
+            let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM config_changes")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(latest.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn config_changes_since(&self, after_seq: i64) -> Result<ConfigChanges, StoreError> {
+        timed(Backend::Postgres, "config_changes_since", async {
+            let rows = sqlx::query(
+                "SELECT seq, project_id FROM config_changes WHERE seq > $1 ORDER BY seq",
+            )
+            .bind(after_seq)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut latest_seq = after_seq;
+            let mut ids = Vec::with_capacity(rows.len());
+            for row in &rows {
+                latest_seq = latest_seq.max(row.try_get("seq")?);
+                ids.push(ProjectId(row.try_get("project_id")?));
+            }
+            Ok(ConfigChanges {
+                latest_seq,
+                projects: distinct_projects(ids),
+            })
+        })
+        .await
+    }
+
+    async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CONFIG_CHANNEL).await?;
+        Ok(Some(Box::new(PgConfigListener { listener })))
+    }
+}
+
+struct PgConfigListener {
+    listener: PgListener,
+}
+
+#[async_trait]
+impl ConfigListener for PgConfigListener {
+    async fn next(&mut self) -> Result<ConfigSignal, StoreError> {
+        // `try_recv` yields `None` when the connection dropped and was
+        // re-established: notifications sent meanwhile are lost.
+        match self.listener.try_recv().await? {
+            None => Ok(ConfigSignal::Resync),
+            Some(notification) => match Uuid::from_str(notification.payload()) {
+                Ok(id) => Ok(ConfigSignal::Project(ProjectId(id))),
+                Err(_) => Ok(ConfigSignal::Resync),
+            },
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The embedded default backend.
+//!
+//! Invariants:
+//! * Every write goes through `writer`, a pool of exactly one connection, in
+//!   `BEGIN IMMEDIATE` transactions: writers of this process queue in the pool
+//!   instead of fighting over SQLite's lock, and the busy timeout covers other
+//!   processes (the CLI) writing to the same file.
+//! * `synchronous = FULL` with WAL: a commit is on disk when it returns.
+//! * Times are stored as Unix microseconds, ids as hyphenated UUID text.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use flywheel_domain::keys::{KeyHash, KeyKind};
+use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::snapshot::ProjectConfig;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+use crate::{
+    distinct_projects, timed, Backend, ConfigChanges, ConfigListener, OpenError, Store, StoreError,
+    StoreOptions,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, options: &StoreOptions) -> Result<Self, OpenError> {
+        let connect = |source| OpenError::Connect {
+            backend: "sqlite",
+            target: path.display().to_string(),
+            source,
+        };
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(true)
+            .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(base.clone())
+            .await
+            .map_err(connect)?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|source| OpenError::Migrate {
+                backend: "sqlite",
+                source,
+            })?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(connect)?;
+        Ok(Self { writer, reader })
+    }
+
+    async fn record_change(
+        tx: &mut sqlx::SqliteConnection,
+        project: ProjectId,
+        entity: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO config_changes (project_id, entity, changed_at) VALUES (?, ?, ?)")
+            .bind(project.0.to_string())
+            .bind(entity)
+            .bind(at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn keys_where(
+        &self,
+        sql_filter: &str,
+        project: ProjectId,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let sql = format!(
+            "SELECT id, project_id, kind, prefix, key_hash, label, created_at, revoked_at \
+             FROM api_keys WHERE project_id = ? {sql_filter} ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(project.0.to_string())
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+}
+
+fn micros_to_time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
+    Utc.timestamp_micros(micros).single().ok_or_else(|| {
+        StoreError::internal(sqlx::Error::Decode(
+            format!("timestamp {micros} out of range").into(),
+        ))
+    })
+}
+
+fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
+    let text: String = row.try_get(column)?;
+    Uuid::from_str(&text).map_err(StoreError::internal)
+}
+
+fn project_from_row(row: &SqliteRow) -> Result<Project, StoreError> {
+    Ok(Project {
+        id: ProjectId(uuid_column(row, "id")?),
+        name: row.try_get("name")?,
+        created_at: micros_to_time(row.try_get("created_at")?)?,
+    })
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    let revoked_at: Option<i64> = row.try_get("revoked_at")?;
+    Ok(ApiKeyRecord {
+        id: KeyId(uuid_column(row, "id")?),
+        project_id: ProjectId(uuid_column(row, "project_id")?),
+        kind: KeyKind::parse(&kind).ok_or_else(|| {
+            StoreError::internal(sqlx::Error::Decode(
+                format!("unknown key kind {kind}").into(),
+            ))
+        })?,
+        prefix: row.try_get("prefix")?,
+        hash: KeyHash::from_slice(&hash).ok_or_else(|| {
+            StoreError::internal(sqlx::Error::Decode("key hash is not 32 bytes".into()))
+        })?,
+        label: row.try_get("label")?,
+        created_at: micros_to_time(row.try_get("created_at")?)?,
+        revoked_at: revoked_at.map(micros_to_time).transpose()?,
+    })
+}
+
+async fn insert_key_row(
+    tx: &mut sqlx::SqliteConnection,
+    key: &ApiKeyRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, project_id, kind, prefix, key_hash, label, created_at, revoked_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(key.id.0.to_string())
+    .bind(key.project_id.0.to_string())
+    .bind(key.kind.as_str())
+    .bind(&key.prefix)
+    .bind(key.hash.as_bytes())
+    .bind(&key.label)
+    .bind(key.created_at.timestamp_micros())
+    .bind(key.revoked_at.map(|t| t.timestamp_micros()))
+    .execute(tx)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "api key"))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        timed(Backend::Sqlite, "check_ready", async {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&self.reader)
+                    .await?;
+            let expected = MIGRATOR.iter().map(|m| m.version).max();
+            if applied != expected {
+                return Err(StoreError::internal(sqlx::Error::Protocol(format!(
+                    "schema at migration {applied:?}, binary expects {expected:?}"
+                ))));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_project(
+        &self,
+        project: &Project,
+        keys: &[ApiKeyRecord],
+    ) -> Result<(), StoreError> {
+        timed(Backend::Sqlite, "create_project", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)")
+                .bind(project.id.0.to_string())
+                .bind(&project.name)
+                .bind(project.created_at.timestamp_micros())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "project name"))?;
+            for key in keys {
+                insert_key_row(&mut tx, key).await?;
+            }
+            Self::record_change(&mut tx, project.id, "project", project.created_at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>, StoreError> {
+        timed(Backend::Sqlite, "list_projects", async {
+            let rows =
+                sqlx::query("SELECT id, name, created_at FROM projects ORDER BY created_at, id")
+                    .fetch_all(&self.reader)
+                    .await?;
+            rows.iter().map(project_from_row).collect()
+        })
+        .await
+    }
+
+    async fn project_by_id(&self, id: ProjectId) -> Result<Option<Project>, StoreError> {
+        timed(Backend::Sqlite, "project_by_id", async {
+            let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE id = ?")
+                .bind(id.0.to_string())
+                .fetch_optional(&self.reader)
+                .await?;
+            row.as_ref().map(project_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn project_by_name(&self, name: &str) -> Result<Option<Project>, StoreError> {
+        timed(Backend::Sqlite, "project_by_name", async {
+            let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.reader)
+                .await?;
+            row.as_ref().map(project_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn insert_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        timed(Backend::Sqlite, "insert_key", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM projects WHERE id = ?")
+                .bind(key.project_id.0.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            insert_key_row(&mut tx, key).await?;
+            Self::record_change(&mut tx, key.project_id, "api_key", key.created_at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_keys(&self, project: ProjectId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        timed(Backend::Sqlite, "list_keys", self.keys_where("", project)).await
+    }
+
+    async fn revoke_key(
+        &self,
+        project: ProjectId,
+        key: KeyId,
+        at: DateTime<Utc>,
+    ) -> Result<ApiKeyRecord, StoreError> {
+        timed(Backend::Sqlite, "revoke_key", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let row = sqlx::query(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND project_id = ? \
+                 RETURNING id, project_id, kind, prefix, key_hash, label, created_at, revoked_at",
+            )
+            .bind(at.timestamp_micros())
+            .bind(key.0.to_string())
+            .bind(project.0.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+            let record = key_from_row(&row)?;
+            Self::record_change(&mut tx, project, "api_key", at).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn load_project_config(
+        &self,
+        project: ProjectId,
+    ) -> Result<Option<ProjectConfig>, StoreError> {
+        timed(Backend::Sqlite, "load_project_config", async {
+            let Some(found) = self.project_by_id(project).await? else {
+                return Ok(None);
+            };
+            let keys = self.keys_where("AND revoked_at IS NULL", project).await?;
+            Ok(Some(ProjectConfig {
+                project: found,
+                keys,
+            }))
+        })
+        .await
+    }
+
+    async fn load_all_project_configs(&self) -> Result<Vec<ProjectConfig>, StoreError> {
+        timed(Backend::Sqlite, "load_all_project_configs", async {
+            let projects = self.list_projects().await?;
+            let mut configs = Vec::with_capacity(projects.len());
+            for project in projects {
+                let keys = self
+                    .keys_where("AND revoked_at IS NULL", project.id)
+                    .await?;
+                configs.push(ProjectConfig { project, keys });
+            }
+            Ok(configs)
+        })
+        .await
+    }
+
+    async fn latest_config_seq(&self) -> Result<i64, StoreError> {
+        timed(Backend::Sqlite, "latest_config_seq", async {
+            let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM config_changes")
+                .fetch_one(&self.reader)
+                .await?;
+            Ok(latest.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn config_changes_since(&self, after_seq: i64) -> Result<ConfigChanges, StoreError> {
+        timed(Backend::Sqlite, "config_changes_since", async {
+            // The common case, nothing new, is one index probe.
+            let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM config_changes")
+                .fetch_one(&self.reader)
+                .await?;
+            let latest = latest.unwrap_or(0);
+            if latest <= after_seq {
+                return Ok(ConfigChanges {
+                    latest_seq: after_seq,
+                    projects: Vec::new(),
+                });
+            }
+            let rows = sqlx::query(
+                "SELECT project_id FROM config_changes WHERE seq > ? AND seq <= ? ORDER BY seq",
+            )
+            .bind(after_seq)
+            .bind(latest)
+            .fetch_all(&self.reader)
+            .await?;
+            let ids = rows
+                .iter()
+                .map(|row| uuid_column(row, "project_id").map(ProjectId))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ConfigChanges {
+                latest_seq: latest,
+                projects: distinct_projects(ids),
+            })
+        })
+        .await
+    }
+
+    async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
+        // Writers serialise on SQLite's lock, so sequence numbers commit in
+        // order and polling `config_changes_since` never skips a change.
+        Ok(None)
+    }
+}
