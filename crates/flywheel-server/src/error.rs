@@ -7,12 +7,13 @@
 
 use std::borrow::Cow;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::FromRequest;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use flywheel_domain::{DomainError, ErrorKind};
 use flywheel_store::StoreError;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -136,47 +137,87 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `axum::Json` whose rejections use the error envelope.
+/// A JSON request body whose rejections use the error envelope and name the
+/// field at fault: `415 unsupported_media_type` without a JSON content type,
+/// `413 payload_too_large` over the body limit, `400 invalid_json` when the
+/// bytes are not JSON, `400 invalid_body` when the JSON has the wrong shape.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !has_json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ));
         }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is too large",
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
+            }
+        })?;
+        // Parse to a tree first, so syntax errors and shape errors are told
+        // apart reliably, and shape errors name the field (`label: …`).
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            )
+        })?;
+        serde_path_to_error::deserialize(value)
+            .map(ApiJson)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let message = if path == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("{path}: {}", e.inner())
+                };
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", message)
+            })
     }
+}
+
+fn has_json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 impl<T: Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
     }
-}
-
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
-    let code = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
-        _ => "invalid_json",
-    };
-    // 422 from serde (a well-formed document of the wrong shape) is reported as
-    // 400 like every other validation failure, keeping 4xx codes few.
-    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-        StatusCode::BAD_REQUEST
-    } else {
-        status
-    };
-    ApiError::new(status, code, rejection.body_text())
 }
 
 #[cfg(test)]

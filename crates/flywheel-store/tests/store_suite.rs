@@ -1,0 +1,329 @@
+//! The store test-suite: written once, run against every backend.
+//! Each test gets a fresh database (a temp SQLite file, or a new PostgreSQL
+//! database that is dropped afterwards).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use flywheel_domain::keys::{GeneratedKey, KeyKind};
+use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_store::testing::TestDatabase;
+use flywheel_store::{Backend, ConfigSignal, Store, StoreError};
+use uuid::Uuid;
+
+/// Runs each listed test function against both backends.
+macro_rules! store_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
+        }
+    };
+}
+
+store_suite!(
+    ready_after_open_and_reopen_is_idempotent,
+    projects_are_created_found_and_listed,
+    duplicate_project_names_conflict,
+    project_creation_is_atomic,
+    keys_need_an_existing_project,
+    revocation_is_idempotent_and_scoped_to_the_project,
+    configs_carry_active_keys_only,
+    every_change_is_recorded_in_order,
+    concurrent_writers_all_commit,
+    timestamps_round_trip_at_microsecond_precision,
+    listener_reports_changes_from_other_connections,
+);
+
+/// A fixed instant with whole microseconds (what both backends keep).
+fn at(seconds: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_764_000_000 + seconds, 123_456_000)
+        .unwrap()
+}
+
+fn project(name: &str, created: DateTime<Utc>) -> Project {
+    Project {
+        id: ProjectId::new_v7(),
+        name: name.into(),
+        created_at: created,
+    }
+}
+
+fn key(project: &Project, kind: KeyKind, created: DateTime<Utc>) -> ApiKeyRecord {
+    let generated = GeneratedKey::generate(kind, &mut rand::rngs::OsRng);
+    ApiKeyRecord {
+        id: KeyId(Uuid::now_v7()),
+        project_id: project.id,
+        kind,
+        prefix: generated.prefix(),
+        hash: generated.hash(),
+        label: Some("test".into()),
+        created_at: created,
+        revoked_at: None,
+    }
+}
+
+async fn fresh(backend: Backend) -> (TestDatabase, Arc<dyn Store>) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    assert_eq!(store.backend(), backend);
+    (db, store)
+}
+
+async fn ready_after_open_and_reopen_is_idempotent(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    store.check_ready().await.unwrap();
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    // Opening again re-runs the migrator: nothing to apply, data intact.
+    let again = db.open().await;
+    again.check_ready().await.unwrap();
+    assert_eq!(again.list_projects().await.unwrap(), vec![p]);
+}
+
+async fn projects_are_created_found_and_listed(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    assert!(store.list_projects().await.unwrap().is_empty());
+    let first = project("first", at(0));
+    let second = project("second", at(1));
+    store.create_project(&second, &[]).await.unwrap();
+    store.create_project(&first, &[]).await.unwrap();
+    assert_eq!(
+        store.list_projects().await.unwrap(),
+        vec![first.clone(), second.clone()],
+        "oldest first"
+    );
+    assert_eq!(
+        store.project_by_id(first.id).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store.project_by_name("second").await.unwrap(), Some(second));
+    assert_eq!(store.project_by_name("third").await.unwrap(), None);
+    assert_eq!(
+        store.project_by_id(ProjectId::new_v7()).await.unwrap(),
+        None
+    );
+}
+
+async fn duplicate_project_names_conflict(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    store
+        .create_project(&project("same", at(0)), &[])
+        .await
+        .unwrap();
+    let err = store
+        .create_project(&project("same", at(1)), &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict("project name")),
+        "{err:?}"
+    );
+    assert_eq!(store.list_projects().await.unwrap().len(), 1);
+}
+
+async fn project_creation_is_atomic(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let existing = project("existing", at(0));
+    let taken = key(&existing, KeyKind::Secret, at(0));
+    store
+        .create_project(&existing, &[taken.clone()])
+        .await
+        .unwrap();
+
+    // The second project's key collides on its hash: nothing of it may remain.
+    let doomed = project("doomed", at(1));
+    let mut clash = key(&doomed, KeyKind::Secret, at(1));
+    clash.hash = taken.hash;
+    let ok_key = key(&doomed, KeyKind::Publishable, at(1));
+    let err = store
+        .create_project(&doomed, &[ok_key, clash])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict("api key")), "{err:?}");
+    assert_eq!(store.project_by_name("doomed").await.unwrap(), None);
+    assert!(store.list_keys(doomed.id).await.unwrap().is_empty());
+}
+
+async fn keys_need_an_existing_project(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let ghost = project("ghost", at(0));
+    let err = store
+        .insert_key(&key(&ghost, KeyKind::Secret, at(0)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+}
+
+async fn revocation_is_idempotent_and_scoped_to_the_project(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let mine = project("mine", at(0));
+    let theirs = project("theirs", at(0));
+    let my_key = key(&mine, KeyKind::Secret, at(0));
+    let their_key = key(&theirs, KeyKind::Secret, at(0));
+    store
+        .create_project(&mine, &[my_key.clone()])
+        .await
+        .unwrap();
+    store
+        .create_project(&theirs, &[their_key.clone()])
+        .await
+        .unwrap();
+
+    let revoked = store.revoke_key(mine.id, my_key.id, at(10)).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(at(10)));
+    let again = store.revoke_key(mine.id, my_key.id, at(20)).await.unwrap();
+    assert_eq!(
+        again.revoked_at,
+        Some(at(10)),
+        "the first revocation time is kept"
+    );
+
+    let err = store
+        .revoke_key(mine.id, their_key.id, at(30))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound),
+        "another project's key: {err:?}"
+    );
+    let err = store
+        .revoke_key(mine.id, KeyId(Uuid::now_v7()), at(30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    assert!(store.list_keys(theirs.id).await.unwrap()[0].is_active());
+}
+
+async fn configs_carry_active_keys_only(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    let pk = key(&p, KeyKind::Publishable, at(0));
+    let sk = key(&p, KeyKind::Secret, at(1));
+    store
+        .create_project(&p, &[pk.clone(), sk.clone()])
+        .await
+        .unwrap();
+    let extra = key(&p, KeyKind::Secret, at(2));
+    store.insert_key(&extra).await.unwrap();
+    store.revoke_key(p.id, sk.id, at(3)).await.unwrap();
+
+    let listed = store.list_keys(p.id).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|k| k.id).collect::<Vec<_>>(),
+        vec![pk.id, sk.id, extra.id]
+    );
+    let config = store.load_project_config(p.id).await.unwrap().unwrap();
+    assert_eq!(config.project, p);
+    assert_eq!(config.keys, vec![pk, extra]);
+    assert_eq!(
+        store.load_all_project_configs().await.unwrap(),
+        vec![config]
+    );
+    assert_eq!(
+        store
+            .load_project_config(ProjectId::new_v7())
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn every_change_is_recorded_in_order(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    assert_eq!(store.latest_config_seq().await.unwrap(), 0);
+    let a = project("a", at(0));
+    let b = project("b", at(0));
+    let a_key = key(&a, KeyKind::Secret, at(0));
+    store.create_project(&a, &[a_key.clone()]).await.unwrap();
+    let after_a = store.latest_config_seq().await.unwrap();
+    assert!(after_a > 0);
+
+    store.create_project(&b, &[]).await.unwrap();
+    store
+        .insert_key(&key(&b, KeyKind::Publishable, at(1)))
+        .await
+        .unwrap();
+    store.revoke_key(a.id, a_key.id, at(2)).await.unwrap();
+
+    let changes = store.config_changes_since(after_a).await.unwrap();
+    assert_eq!(
+        changes.projects,
+        vec![b.id, a.id],
+        "distinct, in first-change order"
+    );
+    assert_eq!(changes.latest_seq, store.latest_config_seq().await.unwrap());
+    let none = store
+        .config_changes_since(changes.latest_seq)
+        .await
+        .unwrap();
+    assert!(none.projects.is_empty());
+    assert_eq!(none.latest_seq, changes.latest_seq);
+}
+
+async fn concurrent_writers_all_commit(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("busy", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    let writers: Vec<_> = (0..32)
+        .map(|i| {
+            let store = store.clone();
+            let record = key(&p, KeyKind::Secret, at(i));
+            tokio::spawn(async move { store.insert_key(&record).await })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap().unwrap();
+    }
+    assert_eq!(store.list_keys(p.id).await.unwrap().len(), 32);
+    assert_eq!(
+        store.config_changes_since(0).await.unwrap().projects,
+        vec![p.id]
+    );
+}
+
+async fn timestamps_round_trip_at_microsecond_precision(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    // Month end, leap day, and the far side of 2038.
+    for (i, when) in [
+        Utc.with_ymd_and_hms(2024, 2, 29, 23, 59, 59).unwrap()
+            + chrono::Duration::microseconds(999_999),
+        Utc.with_ymd_and_hms(2039, 1, 31, 0, 0, 0).unwrap(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = project(&format!("t{i}"), when);
+        store
+            .create_project(&p, &[key(&p, KeyKind::Secret, when)])
+            .await
+            .unwrap();
+        let back = store.project_by_id(p.id).await.unwrap().unwrap();
+        assert_eq!(back.created_at, when);
+        assert_eq!(store.list_keys(p.id).await.unwrap()[0].created_at, when);
+    }
+}
+
+async fn listener_reports_changes_from_other_connections(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    let listener = store.config_listener().await.unwrap();
+    match backend {
+        // SQLite has no push channel; servers poll `config_changes_since`.
+        Backend::Sqlite => assert!(listener.is_none()),
+        Backend::Postgres => {
+            let mut listener = listener.expect("PostgreSQL pushes changes");
+            // A second store on the same database stands for another node.
+            let other_node = db.open().await;
+            let p = project("pushed", at(0));
+            other_node.create_project(&p, &[]).await.unwrap();
+            let signal = tokio::time::timeout(Duration::from_secs(5), listener.next())
+                .await
+                .expect("a notification arrives")
+                .unwrap();
+            assert_eq!(signal, ConfigSignal::Project(p.id));
+        }
+    }
+}
