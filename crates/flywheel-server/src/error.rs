@@ -220,6 +220,15 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
     }
 }
 
+impl From<crate::projects::ProjectError> for ApiError {
+    fn from(error: crate::projects::ProjectError) -> Self {
+        match error {
+            crate::projects::ProjectError::Invalid(e) => e.into(),
+            crate::projects::ProjectError::Store(e) => e.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,14 +283,5 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "invalid_project_name");
         assert_eq!(json["error"]["message"], "too long");
-    }
-}
-
-impl From<crate::projects::ProjectError> for ApiError {
-    fn from(error: crate::projects::ProjectError) -> Self {
-        match error {
-            crate::projects::ProjectError::Invalid(e) => e.into(),
-            crate::projects::ProjectError::Store(e) => e.into(),
-        }
     }
 }

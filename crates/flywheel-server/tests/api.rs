@@ -54,10 +54,12 @@ struct TestApp {
 
 fn settings_for(db: &TestDatabase) -> Settings {
     let options = db.options();
-    let mut settings = Settings::default();
-    settings.bind = "127.0.0.1:0".parse().unwrap();
-    settings.data_dir = options.data_dir;
-    settings.database_url = options.database_url;
+    let mut settings = Settings {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir: options.data_dir,
+        database_url: options.database_url,
+        ..Settings::default()
+    };
     settings.http.body_limit_bytes = 64 * 1024;
     settings.snapshot.poll_interval_ms = 20;
     settings

@@ -130,7 +130,7 @@ async fn project_creation_is_atomic(backend: Backend) {
     let existing = project("existing", at(0));
     let taken = key(&existing, KeyKind::Secret, at(0));
     store
-        .create_project(&existing, &[taken.clone()])
+        .create_project(&existing, std::slice::from_ref(&taken))
         .await
         .unwrap();
 
@@ -165,11 +165,11 @@ async fn revocation_is_idempotent_and_scoped_to_the_project(backend: Backend) {
     let my_key = key(&mine, KeyKind::Secret, at(0));
     let their_key = key(&theirs, KeyKind::Secret, at(0));
     store
-        .create_project(&mine, &[my_key.clone()])
+        .create_project(&mine, std::slice::from_ref(&my_key))
         .await
         .unwrap();
     store
-        .create_project(&theirs, &[their_key.clone()])
+        .create_project(&theirs, std::slice::from_ref(&their_key))
         .await
         .unwrap();
 
@@ -238,7 +238,10 @@ async fn every_change_is_recorded_in_order(backend: Backend) {
     let a = project("a", at(0));
     let b = project("b", at(0));
     let a_key = key(&a, KeyKind::Secret, at(0));
-    store.create_project(&a, &[a_key.clone()]).await.unwrap();
+    store
+        .create_project(&a, std::slice::from_ref(&a_key))
+        .await
+        .unwrap();
     let after_a = store.latest_config_seq().await.unwrap();
     assert!(after_a > 0);
 

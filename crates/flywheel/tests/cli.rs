@@ -1,0 +1,453 @@
+//! The real `flywheel` binary: CLI commands, a served process, keys made by
+//! the CLI reaching a running server, and graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use flywheel_client::Client;
+use flywheel_store::testing::TestDatabase;
+use flywheel_store::Backend;
+use serde_json::Value;
+
+/// `flywheel` with the store options of `db` and no stray configuration.
+fn flywheel(db: &TestDatabase) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flywheel"));
+    let options = db.options();
+    command.arg("--data-dir").arg(&options.data_dir);
+    if let Some(url) = db.database_url() {
+        command.arg("--database-url").arg(url);
+    }
+    for (name, _) in std::env::vars() {
+        if name.starts_with("FLYWHEEL_") && name != "FLYWHEEL_TEST_POSTGRES_URL" {
+            command.env_remove(name);
+        }
+    }
+    // A working directory without a stray flywheel.toml.
+    let cwd = match options.data_dir.parent() {
+        Some(parent) if parent.is_dir() => parent.to_path_buf(),
+        _ => std::env::temp_dir(),
+    };
+    command.env("RUST_LOG", "info").current_dir(cwd);
+    command
+}
+
+fn run_ok(command: &mut Command) -> String {
+    let output = command.output().expect("run flywheel");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn run_err(command: &mut Command) -> Output {
+    let output = command.output().expect("run flywheel");
+    assert!(!output.status.success(), "{command:?} should fail");
+    output
+}
+
+/// A served `flywheel` child process and what it printed at start.
+struct Served {
+    child: Child,
+    base_url: String,
+    banner: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Served {
+    fn start(db: &TestDatabase) -> Self {
+        let mut child = flywheel(db)
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .env("FLYWHEEL_SNAPSHOT__POLL_INTERVAL_MS", "50")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flywheel serve");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (line_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if line_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if err_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Plain start: one line "Flywheel is listening on URL". First start on
+        // an empty store: an indented banner that ends with a curl example.
+        let mut banner = String::new();
+        let mut base_url = None;
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the server starts and prints its address");
+            banner.push_str(&line);
+            banner.push('\n');
+            if let Some(at) = line
+                .find("http://")
+                .filter(|_| line.contains("listening on"))
+            {
+                base_url = Some(line[at..].trim().to_string());
+                if !line.starts_with("  ") {
+                    break;
+                }
+            }
+            if base_url.is_some() && line.contains("curl -H") {
+                break;
+            }
+        }
+        let base_url = base_url.unwrap();
+        Served {
+            child,
+            base_url,
+            banner,
+            stderr: err_rx,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.base_url)
+    }
+
+    fn key_from_banner(&self, label: &str) -> String {
+        let line = self
+            .banner
+            .lines()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("no {label} in {}", self.banner));
+        line.split_whitespace().last().unwrap().to_string()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for a stderr line containing `needle` (bounded).
+    fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("the server never logged {needle:?}");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Retries `check` until it holds or `limit` passes: for effects that travel
+/// between processes asynchronously by design.
+async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+              async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+              async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
+        }
+    };
+}
+
+both_backends!(
+    project_commands_are_scriptable,
+    cli_keys_reach_a_running_server_without_restart,
+    first_start_prints_keys_once,
+);
+
+async fn project_commands_are_scriptable(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let created: Value = serde_json::from_str(&run_ok(
+        flywheel(&db).args(["project", "create", "acme", "--json"]),
+    ))
+    .unwrap();
+    let project_id = created["project_id"].as_str().unwrap();
+    assert!(created["publishable_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("pk_"));
+    assert!(created["secret_key"].as_str().unwrap().starts_with("sk_"));
+
+    let listed: Value =
+        serde_json::from_str(&run_ok(flywheel(&db).args(["project", "list", "--json"]))).unwrap();
+    assert_eq!(listed[0]["project_id"], project_id);
+    assert_eq!(listed[0]["name"], "acme");
+    assert!(run_ok(flywheel(&db).args(["project", "list"])).contains("acme"));
+
+    let duplicate = run_err(flywheel(&db).args(["project", "create", "acme"]));
+    assert!(String::from_utf8_lossy(&duplicate.stderr).contains("already exists"));
+
+    // Keys by project name or id.
+    let key: Value = serde_json::from_str(&run_ok(flywheel(&db).args([
+        "key",
+        "create",
+        "--project",
+        project_id,
+        "--kind",
+        "publishable",
+        "--label",
+        "web",
+        "--json",
+    ])))
+    .unwrap();
+    assert!(key["key"].as_str().unwrap().starts_with("pk_"));
+    let keys: Value = serde_json::from_str(&run_ok(flywheel(&db).args([
+        "key",
+        "list",
+        "--project",
+        "acme",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 3);
+    assert!(
+        !keys.to_string().contains(key["key"].as_str().unwrap()),
+        "listings never show a key"
+    );
+
+    let prefix = key["prefix"].as_str().unwrap();
+    assert!(
+        run_ok(flywheel(&db).args(["key", "revoke", "--project", "acme", prefix]))
+            .contains("Revoked")
+    );
+    let table = run_ok(flywheel(&db).args(["key", "list", "--project", "acme"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(prefix) && l.contains("revoked")),
+        "{table}"
+    );
+
+    let missing = run_err(flywheel(&db).args(["key", "list", "--project", "nope"]));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no project named"));
+}
+
+async fn cli_keys_reach_a_running_server_without_restart(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let served = Served::start(&db);
+    let key: Value = serde_json::from_str(&run_ok(flywheel(&db).args([
+        "key",
+        "create",
+        "--project",
+        "default",
+        "--kind",
+        "secret",
+        "--json",
+    ])))
+    .unwrap();
+    let client = served.client().with_key(key["key"].as_str().unwrap());
+    let works = within(Duration::from_secs(1), || async {
+        client.list_keys().await.is_ok()
+    })
+    .await;
+    assert!(
+        works,
+        "a key created by the CLI works on the running server within a second"
+    );
+
+    run_ok(flywheel(&db).args([
+        "key",
+        "revoke",
+        "--project",
+        "default",
+        key["id"].as_str().unwrap(),
+    ]));
+    let refused = within(Duration::from_secs(1), || async {
+        client.current_project().await.is_err()
+    })
+    .await;
+    assert!(
+        refused,
+        "a key revoked by the CLI is refused within a second"
+    );
+}
+
+async fn first_start_prints_keys_once(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let first = Served::start(&db);
+    let secret = first.key_from_banner("secret key:");
+    let publishable = first.key_from_banner("publishable key:");
+    let project = first
+        .client()
+        .with_key(&secret)
+        .current_project()
+        .await
+        .unwrap();
+    assert_eq!(project.name, "default");
+    assert!(first
+        .client()
+        .with_key(&publishable)
+        .current_project()
+        .await
+        .is_ok());
+    drop(first);
+
+    let second = Served::start(&db);
+    assert!(
+        !second.banner.contains("secret key"),
+        "keys are printed only when they are created"
+    );
+    assert!(second
+        .client()
+        .with_key(&secret)
+        .current_project()
+        .await
+        .is_ok());
+}
+
+/// A request whose body is still arriving when SIGTERM lands is answered,
+/// then the process exits successfully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests() {
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let mut served = Served::start(&db);
+    let secret = served.key_from_banner("secret key:");
+    let address = served.base_url.trim_start_matches("http://").to_string();
+
+    let body = br#"{"kind":"publishable","label":"in flight"}"#;
+    let mut stream = TcpStream::connect(&address).unwrap();
+    write!(
+        stream,
+        "POST /v1/keys HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {secret}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(&body[..10]).unwrap();
+    stream.flush().unwrap();
+    // Make sure the server has the request before the signal.
+    let started = within(Duration::from_secs(5), || async {
+        served
+            .client()
+            .metrics()
+            .await
+            .map(|m| m.contains("flywheel_http_requests_total"))
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(started);
+
+    served.signal("TERM");
+    served.wait_for_log("shutdown signal received");
+    stream.write_all(&body[10..]).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+
+    let status = served.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // And the key it created is durable.
+    let keys = run_ok(flywheel(&db).args(["key", "list", "--project", "default"]));
+    assert!(keys.contains("in flight"), "{keys}");
+}
+
+#[test]
+fn help_shows_examples_everywhere() {
+    let db_dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["project", "create", "--help"],
+        vec!["key", "create", "--help"],
+        vec!["key", "revoke", "--help"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+            .args(&args)
+            .current_dir(db_dir.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8(output.stdout).unwrap();
+        assert!(text.contains("Example"), "{args:?}: {text}");
+    }
+}
+
+#[test]
+fn print_config_prints_the_commented_example() {
+    let output = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .arg("print-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.starts_with("# Flywheel configuration"));
+    assert!(text.contains("bind = \"127.0.0.1:7878\""));
+}
+
+#[tokio::test]
+async fn configuration_mistakes_are_named() {
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flywheel.toml");
+    std::fs::write(&config, "[http]\nbody_limt_bytes = 10\n").unwrap();
+    let output = run_err(
+        flywheel(&db)
+            .arg("--config")
+            .arg(&config)
+            .args(["project", "list"]),
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("body_limt_bytes"));
+
+    let output = run_err(flywheel(&db).args([
+        "--database-url",
+        "mysql://root@localhost/x",
+        "project",
+        "list",
+    ]));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("unsupported database URL scheme `mysql`")
+    );
+
+    let output = flywheel(&db)
+        .env("FLYWHEEL_COLOUR", "blue")
+        .args(["project", "list"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("FLYWHEEL_COLOUR"),
+        "unknown variables are warned about"
+    );
+}
