@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod error;
+pub mod events;
 pub mod keys;
 pub mod project;
 pub mod snapshot;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use flywheel_domain::events::Event;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_domain::snapshot::ProjectConfig;
 
@@ -107,6 +108,44 @@ pub struct ConfigChanges {
     pub projects: Vec<ProjectId>,
 }
 
+/// One project's decoded events, committed together with other batches in
+/// one transaction (group commit).
+#[derive(Debug, Clone)]
+pub struct EventBatch {
+    pub project: ProjectId,
+    pub events: Vec<Event>,
+}
+
+/// What became of one event of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitResult {
+    /// Stored with this per-project sequence number.
+    Accepted { seq: i64 },
+    /// An event with the same id was already stored (or came earlier in the
+    /// same batch); the first one is kept, this one changed nothing.
+    Duplicate,
+}
+
+/// A filter over a project's stored events, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only events whose actor is one of these ids.
+    pub distinct_ids: Option<Vec<String>>,
+    pub event: Option<String>,
+    /// Only events with `timestamp >= since`.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events with `seq > after_seq` (for tailing).
+    pub after_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub event: Event,
+}
+
 /// The storage interface every backend implements; the store test-suite in
 /// `tests/store_suite.rs` runs against each.
 #[async_trait]
@@ -158,6 +197,43 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Changes recorded after `after_seq`.
     async fn config_changes_since(&self, after_seq: i64) -> Result<ConfigChanges, StoreError>;
+
+    /// Commits every batch in one transaction: new events get the next
+    /// sequence numbers of their project, duplicates (same project and
+    /// `event_id`) are skipped, and each new event's effects are applied in
+    /// the same transaction. Returns one result per event, per batch.
+    async fn commit_events(
+        &self,
+        batches: &[EventBatch],
+    ) -> Result<Vec<Vec<CommitResult>>, StoreError>;
+
+    async fn list_events(
+        &self,
+        project: ProjectId,
+        query: &EventQuery,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// `user_id` and every id linked to it, transitively (for reads that
+    /// resolve events to their person).
+    async fn person_ids(
+        &self,
+        project: ProjectId,
+        user_id: &str,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// The person an id resolves to (itself when it is not linked).
+    async fn resolve_person(
+        &self,
+        project: ProjectId,
+        distinct_id: &str,
+    ) -> Result<String, StoreError>;
+
+    /// Orgs the id (or its person) joined through group calls.
+    async fn orgs_of(
+        &self,
+        project: ProjectId,
+        distinct_id: &str,
+    ) -> Result<Vec<String>, StoreError>;
 
     /// A push channel for changes, where the backend has one (PostgreSQL);
     /// `None` means the caller polls [`Store::config_changes_since`].
@@ -280,6 +356,10 @@ pub(crate) async fn timed<T>(
     .record(started.elapsed().as_secs_f64());
     result
 }
+
+/// How deep identity chains are followed (a → b → c …); links are written
+/// to the root, so real chains are short, and this bounds a corrupt one.
+pub(crate) const MAX_LINK_DEPTH: usize = 8;
 
 /// Collapses a change list to distinct projects, keeping first-seen order.
 pub(crate) fn distinct_projects(changed: impl IntoIterator<Item = ProjectId>) -> Vec<ProjectId> {

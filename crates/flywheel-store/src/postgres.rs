@@ -8,20 +8,23 @@
 //!   nodes follow NOTIFY rather than polling `seq`; after a lost listener
 //!   connection they reload everything ([`ConfigSignal::Resync`]).
 
+use std::collections::HashSet;
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use flywheel_domain::events::{Effect, Event};
 use flywheel_domain::keys::{KeyHash, KeyKind};
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_domain::snapshot::ProjectConfig;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, redact_url, timed, Backend, ConfigChanges, ConfigListener, ConfigSignal,
-    OpenError, Store, StoreError, StoreOptions,
+    distinct_projects, redact_url, timed, Backend, CommitResult, ConfigChanges, ConfigListener,
+    ConfigSignal, EventBatch, EventQuery, OpenError, Store, StoreError, StoreOptions, StoredEvent,
+    MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -150,6 +153,152 @@ async fn insert_key_row(tx: &mut sqlx::PgConnection, key: &ApiKeyRecord) -> Resu
     .await
     .map_err(|e| StoreError::from_sqlx(e, "api key"))?;
     Ok(())
+}
+
+/// Rows per multi-row statement: 9 columns each, under PostgreSQL's 65,535
+/// bound parameters.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+async fn commit_batch(
+    tx: &mut PgConnection,
+    batch: &EventBatch,
+) -> Result<Vec<CommitResult>, StoreError> {
+    let project = batch.project.0;
+    // The project's sequence row is the lock every writer of the project
+    // takes first: numbering and the duplicate check below are race-free
+    // across nodes, and seq order is commit order.
+    sqlx::query(
+        "INSERT INTO event_sequences (project_id, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(project)
+    .execute(&mut *tx)
+    .await?;
+    let last: i64 =
+        sqlx::query_scalar("SELECT last_seq FROM event_sequences WHERE project_id = $1 FOR UPDATE")
+            .bind(project)
+            .fetch_one(&mut *tx)
+            .await?;
+    let ids: Vec<Uuid> = batch.events.iter().map(|e| e.event_id).collect();
+    let found: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM events WHERE project_id = $1 AND event_id = ANY($2)",
+    )
+    .bind(project)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut stored: HashSet<Uuid> = found.into_iter().collect();
+    let mut next = last;
+    let mut results = Vec::with_capacity(batch.events.len());
+    let mut fresh: Vec<(i64, &Event)> = Vec::with_capacity(batch.events.len());
+    for event in &batch.events {
+        if stored.insert(event.event_id) {
+            next += 1;
+            results.push(CommitResult::Accepted { seq: next });
+            fresh.push((next, event));
+        } else {
+            results.push(CommitResult::Duplicate);
+        }
+    }
+    if fresh.is_empty() {
+        return Ok(results);
+    }
+    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+        let mut bodies = Vec::with_capacity(chunk.len());
+        for (_, event) in chunk {
+            bodies.push(serde_json::to_value(event).map_err(StoreError::internal)?);
+        }
+        let mut query = QueryBuilder::<Postgres>::new(
+            "INSERT INTO events (project_id, event_id, seq, type, event, distinct_id, timestamp, received_at, body) ",
+        );
+        query.push_values(chunk.iter().zip(bodies), |mut row, ((seq, event), body)| {
+            row.push_bind(project)
+                .push_bind(event.event_id)
+                .push_bind(*seq)
+                .push_bind(event.kind.as_str())
+                .push_bind(&event.event)
+                .push_bind(event.distinct_id().to_string())
+                .push_bind(event.timestamp)
+                .push_bind(event.received_at)
+                .push_bind(body);
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+    sqlx::query("UPDATE event_sequences SET last_seq = $2 WHERE project_id = $1")
+        .bind(project)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?;
+    for (_, event) in &fresh {
+        for effect in event.effects() {
+            apply_effect(tx, project, effect, event).await?;
+        }
+    }
+    Ok(results)
+}
+
+/// Applies what an event implies, inside the event's transaction.
+async fn apply_effect(
+    tx: &mut PgConnection,
+    project: Uuid,
+    effect: Effect,
+    event: &Event,
+) -> Result<(), StoreError> {
+    match effect {
+        Effect::LinkIdentity { alias, user_id } => {
+            let root = resolve_in(&mut *tx, project, &user_id).await?;
+            if root == alias {
+                return Ok(()); // already the same person, or it would make a cycle
+            }
+            sqlx::query(
+                "INSERT INTO identity_links (project_id, alias, user_id, linked_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (project_id, alias) DO NOTHING",
+            )
+            .bind(project)
+            .bind(&alias)
+            .bind(&root)
+            .bind(event.received_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Effect::JoinOrg {
+            distinct_id,
+            org_id,
+        } => {
+            sqlx::query(
+                "INSERT INTO org_members (project_id, org_id, distinct_id, joined_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(project)
+            .bind(&org_id)
+            .bind(&distinct_id)
+            .bind(event.received_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn resolve_in(
+    conn: &mut PgConnection,
+    project: Uuid,
+    id: &str,
+) -> Result<String, StoreError> {
+    let mut current = id.to_string();
+    for _ in 0..MAX_LINK_DEPTH {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT user_id FROM identity_links WHERE project_id = $1 AND alias = $2",
+        )
+        .bind(project)
+        .bind(&current)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match next {
+            Some(next) if next != current => current = next,
+            _ => break,
+        }
+    }
+    Ok(current)
 }
 
 #[async_trait]
@@ -342,6 +491,130 @@ impl Store for PgStore {
                 latest_seq,
                 projects: distinct_projects(ids),
             })
+        })
+        .await
+    }
+
+    async fn commit_events(
+        &self,
+        batches: &[EventBatch],
+    ) -> Result<Vec<Vec<CommitResult>>, StoreError> {
+        timed(Backend::Postgres, "commit_events", async {
+            // Lock projects in one global order so two nodes committing
+            // overlapping projects cannot deadlock.
+            let mut order: Vec<usize> = (0..batches.len()).collect();
+            order.sort_by_key(|&i| batches[i].project);
+            let mut tx = self.pool.begin().await?;
+            let mut results = vec![Vec::new(); batches.len()];
+            for i in order {
+                results[i] = commit_batch(&mut tx, &batches[i]).await?;
+            }
+            tx.commit().await?;
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        project: ProjectId,
+        filter: &EventQuery,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        timed(Backend::Postgres, "list_events", async {
+            let mut query =
+                QueryBuilder::<Postgres>::new("SELECT seq, body FROM events WHERE project_id = ");
+            query.push_bind(project.0);
+            if let Some(ids) = &filter.distinct_ids {
+                query
+                    .push(" AND distinct_id = ANY(")
+                    .push_bind(ids.clone())
+                    .push(")");
+            }
+            if let Some(name) = &filter.event {
+                query.push(" AND event = ").push_bind(name.clone());
+            }
+            if let Some(since) = filter.since {
+                query.push(" AND timestamp >= ").push_bind(since);
+            }
+            match filter.after_seq {
+                Some(after) => query
+                    .push(" AND seq > ")
+                    .push_bind(after)
+                    .push(" ORDER BY seq ASC"),
+                None => query.push(" ORDER BY seq DESC"),
+            };
+            query.push(" LIMIT ").push_bind(i64::from(filter.limit));
+            let rows = query.build().fetch_all(&self.pool).await?;
+            rows.iter()
+                .map(|row| {
+                    let body: serde_json::Value = row.try_get("body")?;
+                    let event = serde_json::from_value(body).map_err(StoreError::internal)?;
+                    Ok(StoredEvent {
+                        seq: row.try_get("seq")?,
+                        event,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn person_ids(
+        &self,
+        project: ProjectId,
+        user_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        timed(Backend::Postgres, "person_ids", async {
+            let mut ids = vec![user_id.to_string()];
+            let mut frontier = vec![user_id.to_string()];
+            for _ in 0..MAX_LINK_DEPTH {
+                if frontier.is_empty() {
+                    break;
+                }
+                let found: Vec<String> = sqlx::query_scalar(
+                    "SELECT alias FROM identity_links WHERE project_id = $1 AND user_id = ANY($2)",
+                )
+                .bind(project.0)
+                .bind(&frontier)
+                .fetch_all(&self.pool)
+                .await?;
+                frontier = found.into_iter().filter(|id| !ids.contains(id)).collect();
+                ids.extend(frontier.iter().cloned());
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn resolve_person(
+        &self,
+        project: ProjectId,
+        distinct_id: &str,
+    ) -> Result<String, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        timed(
+            Backend::Postgres,
+            "resolve_person",
+            resolve_in(&mut conn, project.0, distinct_id),
+        )
+        .await
+    }
+
+    async fn orgs_of(
+        &self,
+        project: ProjectId,
+        distinct_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let person = self.resolve_person(project, distinct_id).await?;
+        let ids = self.person_ids(project, &person).await?;
+        timed(Backend::Postgres, "orgs_of", async {
+            Ok(sqlx::query_scalar(
+                "SELECT DISTINCT org_id FROM org_members WHERE project_id = $1 AND distinct_id = ANY($2) ORDER BY org_id",
+            )
+            .bind(project.0)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?)
         })
         .await
     }

@@ -8,23 +8,25 @@
 //! * `synchronous = FULL` with WAL: a commit is on disk when it returns.
 //! * Times are stored as Unix microseconds, ids as hyphenated UUID text.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
+use flywheel_domain::events::{Effect, Event};
 use flywheel_domain::keys::{KeyHash, KeyKind};
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_domain::snapshot::ProjectConfig;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, timed, Backend, ConfigChanges, ConfigListener, OpenError, Store, StoreError,
-    StoreOptions,
+    distinct_projects, timed, Backend, CommitResult, ConfigChanges, ConfigListener, EventBatch,
+    EventQuery, OpenError, Store, StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -167,6 +169,160 @@ async fn insert_key_row(
     .await
     .map_err(|e| StoreError::from_sqlx(e, "api key"))?;
     Ok(())
+}
+
+/// Rows per multi-row statement: 9 columns each, well under SQLite's
+/// 32,766 bound parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
+fn decode_error(message: String) -> StoreError {
+    StoreError::internal(sqlx::Error::Decode(message.into()))
+}
+
+async fn commit_batch(
+    tx: &mut SqliteConnection,
+    batch: &EventBatch,
+) -> Result<Vec<CommitResult>, StoreError> {
+    let project = batch.project.0.to_string();
+    let mut stored: HashSet<String> = HashSet::new();
+    for chunk in batch.events.chunks(ROWS_PER_STATEMENT) {
+        let mut query =
+            QueryBuilder::<Sqlite>::new("SELECT event_id FROM events WHERE project_id = ");
+        query.push_bind(&project).push(" AND event_id IN (");
+        let mut ids = query.separated(", ");
+        for event in chunk {
+            ids.push_bind(event.event_id.to_string());
+        }
+        query.push(")");
+        let found: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+        stored.extend(found);
+    }
+    let last: Option<i64> =
+        sqlx::query_scalar("SELECT last_seq FROM event_sequences WHERE project_id = ?")
+            .bind(&project)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let mut next = last.unwrap_or(0);
+    let mut results = Vec::with_capacity(batch.events.len());
+    let mut fresh: Vec<(i64, &Event)> = Vec::with_capacity(batch.events.len());
+    for event in &batch.events {
+        // `insert` is false for an id already stored or earlier in this batch.
+        if stored.insert(event.event_id.to_string()) {
+            next += 1;
+            results.push(CommitResult::Accepted { seq: next });
+            fresh.push((next, event));
+        } else {
+            results.push(CommitResult::Duplicate);
+        }
+    }
+    if fresh.is_empty() {
+        return Ok(results);
+    }
+    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (project_id, event_id, seq, type, event, distinct_id, timestamp, received_at, body) ",
+        );
+        let mut encode_error = None;
+        query.push_values(chunk, |mut row, (seq, event)| {
+            let body = serde_json::to_string(event).unwrap_or_else(|e| {
+                encode_error = Some(e);
+                String::new()
+            });
+            row.push_bind(&project)
+                .push_bind(event.event_id.to_string())
+                .push_bind(*seq)
+                .push_bind(event.kind.as_str())
+                .push_bind(&event.event)
+                .push_bind(event.distinct_id().to_string())
+                .push_bind(event.timestamp.timestamp_micros())
+                .push_bind(event.received_at.timestamp_micros())
+                .push_bind(body);
+        });
+        if let Some(error) = encode_error {
+            return Err(StoreError::internal(error));
+        }
+        query.build().execute(&mut *tx).await?;
+    }
+    sqlx::query(
+        "INSERT INTO event_sequences (project_id, last_seq) VALUES (?, ?) \
+         ON CONFLICT (project_id) DO UPDATE SET last_seq = excluded.last_seq",
+    )
+    .bind(&project)
+    .bind(next)
+    .execute(&mut *tx)
+    .await?;
+    for (_, event) in &fresh {
+        for effect in event.effects() {
+            apply_effect(tx, &project, effect, event).await?;
+        }
+    }
+    Ok(results)
+}
+
+/// Applies what an event implies, inside the event's transaction.
+async fn apply_effect(
+    tx: &mut SqliteConnection,
+    project: &str,
+    effect: Effect,
+    event: &Event,
+) -> Result<(), StoreError> {
+    let at = event.received_at.timestamp_micros();
+    match effect {
+        Effect::LinkIdentity { alias, user_id } => {
+            let root = resolve_in(&mut *tx, project, &user_id).await?;
+            if root == alias {
+                return Ok(()); // already the same person, or it would make a cycle
+            }
+            sqlx::query(
+                "INSERT INTO identity_links (project_id, alias, user_id, linked_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (project_id, alias) DO NOTHING",
+            )
+            .bind(project)
+            .bind(&alias)
+            .bind(&root)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Effect::JoinOrg {
+            distinct_id,
+            org_id,
+        } => {
+            sqlx::query(
+                "INSERT INTO org_members (project_id, org_id, distinct_id, joined_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(project)
+            .bind(&org_id)
+            .bind(&distinct_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn resolve_in(
+    conn: &mut SqliteConnection,
+    project: &str,
+    id: &str,
+) -> Result<String, StoreError> {
+    let mut current = id.to_string();
+    for _ in 0..MAX_LINK_DEPTH {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT user_id FROM identity_links WHERE project_id = ? AND alias = ?",
+        )
+        .bind(project)
+        .bind(&current)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match next {
+            Some(next) if next != current => current = next,
+            _ => break,
+        }
+    }
+    Ok(current)
 }
 
 #[async_trait]
@@ -367,6 +523,143 @@ impl Store for SqliteStore {
                 latest_seq: latest,
                 projects: distinct_projects(ids),
             })
+        })
+        .await
+    }
+
+    async fn commit_events(
+        &self,
+        batches: &[EventBatch],
+    ) -> Result<Vec<Vec<CommitResult>>, StoreError> {
+        timed(Backend::Sqlite, "commit_events", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let mut results = Vec::with_capacity(batches.len());
+            for batch in batches {
+                results.push(commit_batch(&mut tx, batch).await?);
+            }
+            tx.commit().await?;
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        project: ProjectId,
+        filter: &EventQuery,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        timed(Backend::Sqlite, "list_events", async {
+            let mut query =
+                QueryBuilder::<Sqlite>::new("SELECT seq, body FROM events WHERE project_id = ");
+            query.push_bind(project.0.to_string());
+            if let Some(ids) = &filter.distinct_ids {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                query.push(" AND distinct_id IN (");
+                let mut list = query.separated(", ");
+                for id in ids {
+                    list.push_bind(id.clone());
+                }
+                query.push(")");
+            }
+            if let Some(name) = &filter.event {
+                query.push(" AND event = ").push_bind(name.clone());
+            }
+            if let Some(since) = filter.since {
+                query
+                    .push(" AND timestamp >= ")
+                    .push_bind(since.timestamp_micros());
+            }
+            match filter.after_seq {
+                Some(after) => query
+                    .push(" AND seq > ")
+                    .push_bind(after)
+                    .push(" ORDER BY seq ASC"),
+                None => query.push(" ORDER BY seq DESC"),
+            };
+            query.push(" LIMIT ").push_bind(i64::from(filter.limit));
+            let rows = query.build().fetch_all(&self.reader).await?;
+            rows.iter()
+                .map(|row| {
+                    let body: String = row.try_get("body")?;
+                    let event =
+                        serde_json::from_str(&body).map_err(|e| decode_error(e.to_string()))?;
+                    Ok(StoredEvent {
+                        seq: row.try_get("seq")?,
+                        event,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn person_ids(
+        &self,
+        project: ProjectId,
+        user_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        timed(Backend::Sqlite, "person_ids", async {
+            let project = project.0.to_string();
+            let mut ids = vec![user_id.to_string()];
+            let mut frontier = vec![user_id.to_string()];
+            for _ in 0..MAX_LINK_DEPTH {
+                if frontier.is_empty() {
+                    break;
+                }
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "SELECT alias FROM identity_links WHERE project_id = ",
+                );
+                query.push_bind(&project).push(" AND user_id IN (");
+                let mut list = query.separated(", ");
+                for id in &frontier {
+                    list.push_bind(id.clone());
+                }
+                query.push(")");
+                let found: Vec<String> = query.build_query_scalar().fetch_all(&self.reader).await?;
+                frontier = found.into_iter().filter(|id| !ids.contains(id)).collect();
+                ids.extend(frontier.iter().cloned());
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn resolve_person(
+        &self,
+        project: ProjectId,
+        distinct_id: &str,
+    ) -> Result<String, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        timed(
+            Backend::Sqlite,
+            "resolve_person",
+            resolve_in(&mut conn, &project.0.to_string(), distinct_id),
+        )
+        .await
+    }
+
+    async fn orgs_of(
+        &self,
+        project: ProjectId,
+        distinct_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let person = self.resolve_person(project, distinct_id).await?;
+        let ids = self.person_ids(project, &person).await?;
+        timed(Backend::Sqlite, "orgs_of", async {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT DISTINCT org_id FROM org_members WHERE project_id = ",
+            );
+            query
+                .push_bind(project.0.to_string())
+                .push(" AND distinct_id IN (");
+            let mut list = query.separated(", ");
+            for id in &ids {
+                list.push_bind(id.clone());
+            }
+            query.push(") ORDER BY org_id");
+            Ok(query.build_query_scalar().fetch_all(&self.reader).await?)
         })
         .await
     }

@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use flywheel_domain::events::{Event, EventType, Source};
 use flywheel_domain::keys::{GeneratedKey, KeyKind};
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_store::testing::TestDatabase;
-use flywheel_store::{Backend, ConfigSignal, Store, StoreError};
+use flywheel_store::{
+    Backend, CommitResult, ConfigSignal, EventBatch, EventQuery, Store, StoreError,
+};
 use uuid::Uuid;
 
 /// Runs each listed test function against both backends.
@@ -36,6 +39,10 @@ store_suite!(
     concurrent_writers_all_commit,
     timestamps_round_trip_at_microsecond_precision,
     listener_reports_changes_from_other_connections,
+    events_get_sequences_and_duplicates_change_nothing,
+    identity_links_resolve_at_read_and_first_link_wins,
+    event_queries_filter_and_tail,
+    concurrent_event_commits_number_without_gaps,
 );
 
 /// A fixed instant with whole microseconds (what both backends keep).
@@ -329,4 +336,291 @@ async fn listener_reports_changes_from_other_connections(backend: Backend) {
             assert_eq!(signal, ConfigSignal::Project(p.id));
         }
     }
+}
+
+fn event(
+    kind: EventType,
+    name: &str,
+    user: Option<&str>,
+    anonymous: Option<&str>,
+    seconds: i64,
+) -> Event {
+    Event {
+        event_id: Uuid::now_v7(),
+        event_id_generated: false,
+        kind,
+        event: name.into(),
+        user_id: user.map(Into::into),
+        anonymous_id: anonymous.map(Into::into),
+        org_id: None,
+        previous_id: None,
+        timestamp: at(seconds),
+        original_timestamp: Some(at(seconds)),
+        sent_at: None,
+        received_at: at(seconds),
+        skew_corrected: false,
+        future_clamped: false,
+        properties: serde_json::Map::new(),
+        traits: serde_json::Map::new(),
+        context: serde_json::Map::new(),
+        schema_version: None,
+        source: Source::Native,
+    }
+}
+
+fn batch(project: &Project, events: Vec<Event>) -> EventBatch {
+    EventBatch {
+        project: project.id,
+        events,
+    }
+}
+
+async fn events_get_sequences_and_duplicates_change_nothing(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let (a, b) = (project("a", at(0)), project("b", at(0)));
+    store.create_project(&a, &[]).await.unwrap();
+    store.create_project(&b, &[]).await.unwrap();
+    let first = event(EventType::Track, "x", Some("u1"), None, 1);
+    let second = event(EventType::Track, "y", Some("u1"), None, 2);
+    let mut same_id_other_content = event(EventType::Track, "changed", Some("u9"), None, 3);
+    same_id_other_content.event_id = first.event_id;
+
+    let results = store
+        .commit_events(&[
+            batch(&a, vec![first.clone(), second.clone(), first.clone()]),
+            batch(&b, vec![first.clone()]),
+        ])
+        .await
+        .unwrap();
+    use CommitResult::*;
+    assert_eq!(
+        results[0],
+        vec![Accepted { seq: 1 }, Accepted { seq: 2 }, Duplicate],
+        "in-batch duplicate"
+    );
+    assert_eq!(
+        results[1],
+        vec![Accepted { seq: 1 }],
+        "ids are per project, sequences too"
+    );
+
+    // A retry, partly overlapping, with a changed copy: only the new event counts.
+    let third = event(EventType::Track, "z", Some("u1"), None, 4);
+    let results = store
+        .commit_events(&[batch(
+            &a,
+            vec![second.clone(), same_id_other_content, third.clone()],
+        )])
+        .await
+        .unwrap();
+    assert_eq!(results[0], vec![Duplicate, Duplicate, Accepted { seq: 3 }]);
+    let stored = store
+        .list_events(
+            a.id,
+            &EventQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let names: Vec<_> = stored
+        .iter()
+        .map(|e| (e.seq, e.event.event.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![(3, "z"), (2, "y"), (1, "x")],
+        "the first copy is kept"
+    );
+    assert_eq!(stored[2].event, first, "the envelope round-trips");
+}
+
+async fn identity_links_resolve_at_read_and_first_link_wins(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    let anonymous_view = event(EventType::Page, "Pricing", None, Some("anon-1"), 1);
+    let mut identify = event(
+        EventType::Identify,
+        "$identify",
+        Some("user-1"),
+        Some("anon-1"),
+        2,
+    );
+    identify
+        .traits
+        .insert("email".into(), "a@example.com".into());
+    let later_other = event(
+        EventType::Identify,
+        "$identify",
+        Some("user-2"),
+        Some("anon-1"),
+        3,
+    );
+    let mut alias = event(EventType::Alias, "$alias", Some("user-1"), None, 4);
+    alias.previous_id = Some("old-id".into());
+    let mut cycle = event(EventType::Alias, "$alias", Some("anon-1"), None, 5);
+    cycle.previous_id = Some("user-1".into());
+    let mut group = event(EventType::Group, "$group", Some("old-id"), None, 6);
+    group.org_id = Some("acme".into());
+    store
+        .commit_events(&[batch(
+            &p,
+            vec![anonymous_view, identify, later_other, alias, cycle, group],
+        )])
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.resolve_person(p.id, "anon-1").await.unwrap(),
+        "user-1",
+        "first link wins"
+    );
+    assert_eq!(
+        store.resolve_person(p.id, "old-id").await.unwrap(),
+        "user-1"
+    );
+    assert_eq!(
+        store.resolve_person(p.id, "user-1").await.unwrap(),
+        "user-1",
+        "no cycle was made"
+    );
+    assert_eq!(
+        store.resolve_person(p.id, "stranger").await.unwrap(),
+        "stranger"
+    );
+    let mut ids = store.person_ids(p.id, "user-1").await.unwrap();
+    ids.sort();
+    assert_eq!(ids, vec!["anon-1", "old-id", "user-1"]);
+    assert_eq!(
+        store.orgs_of(p.id, "anon-1").await.unwrap(),
+        vec!["acme"],
+        "orgs resolve through the person"
+    );
+
+    // History is not rewritten: the anonymous page view still says anon-1.
+    let mine = store
+        .list_events(
+            p.id,
+            &EventQuery {
+                distinct_ids: Some(ids),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(mine
+        .iter()
+        .any(|e| e.event.anonymous_id.as_deref() == Some("anon-1") && e.event.user_id.is_none()));
+    assert_eq!(
+        mine.len(),
+        5,
+        "every event of the person, not user-2's identify"
+    );
+}
+
+async fn event_queries_filter_and_tail(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    let events: Vec<_> = (0..10)
+        .map(|i| {
+            event(
+                EventType::Track,
+                if i % 2 == 0 { "even" } else { "odd" },
+                Some("u"),
+                None,
+                i,
+            )
+        })
+        .collect();
+    store.commit_events(&[batch(&p, events)]).await.unwrap();
+    let query = |q: EventQuery| {
+        let store = store.clone();
+        async move {
+            store
+                .list_events(p.id, &q)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        query(EventQuery {
+            limit: 3,
+            ..Default::default()
+        })
+        .await,
+        vec![10, 9, 8]
+    );
+    assert_eq!(
+        query(EventQuery {
+            event: Some("odd".into()),
+            limit: 2,
+            ..Default::default()
+        })
+        .await,
+        vec![10, 8]
+    );
+    assert_eq!(
+        query(EventQuery {
+            since: Some(at(7)),
+            limit: 100,
+            ..Default::default()
+        })
+        .await,
+        vec![10, 9, 8]
+    );
+    assert_eq!(
+        query(EventQuery {
+            after_seq: Some(7),
+            limit: 2,
+            ..Default::default()
+        })
+        .await,
+        vec![8, 9]
+    );
+    let nobody = EventQuery {
+        distinct_ids: Some(vec![]),
+        limit: 5,
+        ..Default::default()
+    };
+    assert!(query(nobody).await.is_empty());
+}
+
+async fn concurrent_event_commits_number_without_gaps(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    // Two stores on one database stand for two nodes.
+    let other = db.open().await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
+            let events: Vec<_> = (0..25)
+                .map(|j| event(EventType::Track, "e", Some("u"), None, j))
+                .collect();
+            let project = p.clone();
+            tokio::spawn(async move { store.commit_events(&[batch(&project, events)]).await })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for task in tasks {
+        for result in task.await.unwrap().unwrap().remove(0) {
+            match result {
+                CommitResult::Accepted { seq } => seqs.push(seq),
+                CommitResult::Duplicate => panic!("no duplicates were sent"),
+            }
+        }
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=500).collect::<Vec<i64>>());
 }

@@ -1,0 +1,862 @@
+//! Events: the envelope every ingested event is normalised to, the decoders
+//! for the native, Segment and PostHog wire shapes, timestamp correction, and
+//! the effects an event implies. All pure: the server decodes and the store
+//! applies effects inside the transaction that commits the event.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Clock skew above which a device's timestamps are corrected.
+pub const SKEW_TOLERANCE: Duration = Duration::seconds(60);
+/// How far in the future a timestamp may be before it is clamped.
+pub const FUTURE_TOLERANCE: Duration = Duration::hours(1);
+/// Namespace for turning non-UUID message ids (Segment's `ajs-…`, PostHog's
+/// anything) into stable UUIDv5s, so a retry dedupes to the same id.
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a4e_8b7d_4c1a_9e35_0d2f_7a61_b8c4);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Track,
+    Identify,
+    Alias,
+    Group,
+    Page,
+    Screen,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Track => "track",
+            EventType::Identify => "identify",
+            EventType::Alias => "alias",
+            EventType::Group => "group",
+            EventType::Page => "page",
+            EventType::Screen => "screen",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "track" => EventType::Track,
+            "identify" => EventType::Identify,
+            "alias" => EventType::Alias,
+            "group" => EventType::Group,
+            "page" => EventType::Page,
+            "screen" => EventType::Screen,
+            _ => return None,
+        })
+    }
+}
+
+/// Which wire protocol an event arrived through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Native,
+    Segment,
+    Posthog,
+}
+
+/// The normalised envelope: what is stored, whatever the wire shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: Uuid,
+    /// True when the client sent no id and the server minted a UUIDv7.
+    pub event_id_generated: bool,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The event name (`track`), page/screen name, or a `$`-name for the others.
+    pub event: String,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub org_id: Option<String>,
+    /// For `alias`: the id being merged into `user_id`.
+    pub previous_id: Option<String>,
+    /// Corrected for clock skew, clamped when in the future.
+    pub timestamp: DateTime<Utc>,
+    pub original_timestamp: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub skew_corrected: bool,
+    pub future_clamped: bool,
+    pub properties: Map<String, Value>,
+    pub traits: Map<String, Value>,
+    pub context: Map<String, Value>,
+    pub schema_version: Option<String>,
+    pub source: Source,
+}
+
+impl Event {
+    /// The id that stands for the actor: the user id, else the anonymous id.
+    pub fn distinct_id(&self) -> &str {
+        self.user_id
+            .as_deref()
+            .or(self.anonymous_id.as_deref())
+            .expect("a decoded event has a user_id or an anonymous_id")
+    }
+
+    /// What committing this event implies for the identity graph.
+    pub fn effects(&self) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match self.kind {
+            EventType::Identify => {
+                if let (Some(anonymous), Some(user)) = (&self.anonymous_id, &self.user_id) {
+                    effects.push(Effect::LinkIdentity {
+                        alias: anonymous.clone(),
+                        user_id: user.clone(),
+                    });
+                }
+            }
+            EventType::Alias => {
+                let previous = self.previous_id.as_ref().or(self.anonymous_id.as_ref());
+                if let (Some(previous), Some(user)) = (previous, &self.user_id) {
+                    effects.push(Effect::LinkIdentity {
+                        alias: previous.clone(),
+                        user_id: user.clone(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        if let Some(org) = &self.org_id {
+            if self.kind == EventType::Group {
+                effects.push(Effect::JoinOrg {
+                    distinct_id: self.distinct_id().to_string(),
+                    org_id: org.clone(),
+                });
+            }
+        }
+        effects
+    }
+}
+
+/// A state change an event implies, applied in the transaction that commits
+/// the event. Later features (meters, activation, growth graph) add variants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `alias` (an anonymous or previous id) now resolves to `user_id`.
+    /// The first link of an id wins; history is never rewritten.
+    LinkIdentity { alias: String, user_id: String },
+    /// The actor belongs to the org.
+    JoinOrg { distinct_id: String, org_id: String },
+}
+
+/// Why one event of a batch was rejected (the rest proceed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Rejection {
+    /// Position in the batch.
+    pub index: usize,
+    /// Stable code: `event_too_large`, `invalid_event`, `invalid_type`,
+    /// `missing_event_name`, `missing_identity`, `invalid_event_id`,
+    /// `invalid_timestamp`, `invalid_field`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Request-level facts the decoders need.
+#[derive(Debug, Clone)]
+pub struct Envelope<'a> {
+    pub received_at: DateTime<Utc>,
+    /// Batch-level `sent_at`, when the protocol has one.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Batch-level context merged under each event's own (Segment).
+    pub context: Option<&'a Map<String, Value>>,
+    pub max_event_bytes: usize,
+}
+
+/// Corrects a device timestamp for clock skew, only when the device clock is
+/// off by more than [`SKEW_TOLERANCE`] (so ordinary network delay never
+/// reorders a device's events), then clamps timestamps more than
+/// [`FUTURE_TOLERANCE`] ahead. Returns (timestamp, corrected, clamped).
+pub fn correct_timestamp(
+    original: Option<DateTime<Utc>>,
+    sent_at: Option<DateTime<Utc>>,
+    received_at: DateTime<Utc>,
+) -> (DateTime<Utc>, bool, bool) {
+    let Some(original) = original else {
+        return (received_at, false, false);
+    };
+    let (mut timestamp, mut corrected) = (original, false);
+    if let Some(sent_at) = sent_at {
+        if (sent_at - received_at).abs() > SKEW_TOLERANCE {
+            timestamp = received_at - (sent_at - original);
+            corrected = true;
+        }
+    }
+    if timestamp > received_at + FUTURE_TOLERANCE {
+        return (received_at, corrected, true);
+    }
+    (timestamp, corrected, false)
+}
+
+/// Parses RFC 3339 text, or epoch milliseconds as a number.
+pub fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
+    match value {
+        Value::String(text) => DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
+        Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis),
+        _ => None,
+    }
+}
+
+fn reject(index: usize, code: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection {
+        index,
+        code,
+        message: message.into(),
+    }
+}
+
+/// Reads an optional string-ish id field: strings as they are, numbers as
+/// their decimal text (some SDKs send numeric user ids), empty as absent.
+fn id_field(
+    object: &Map<String, Value>,
+    key: &str,
+    index: usize,
+) -> Result<Option<String>, Rejection> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) if s.len() > 512 => Err(reject(
+            index,
+            "invalid_field",
+            format!("{key} is longer than 512 bytes"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(reject(
+            index,
+            "invalid_field",
+            format!("{key} must be a string"),
+        )),
+    }
+}
+
+fn object_field(
+    object: &Map<String, Value>,
+    key: &str,
+    index: usize,
+) -> Result<Map<String, Value>, Rejection> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map.clone()),
+        Some(_) => Err(reject(
+            index,
+            "invalid_field",
+            format!("{key} must be an object"),
+        )),
+    }
+}
+
+fn time_field(
+    object: &Map<String, Value>,
+    key: &str,
+    index: usize,
+) -> Result<Option<DateTime<Utc>>, Rejection> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => parse_time(value).map(Some).ok_or_else(|| {
+            reject(
+                index,
+                "invalid_timestamp",
+                format!("{key} must be RFC 3339 or epoch milliseconds"),
+            )
+        }),
+    }
+}
+
+/// A message id that is a UUID is used as is; any other string maps to a
+/// stable UUIDv5, so retries of the same message still dedupe.
+fn message_id(
+    object: &Map<String, Value>,
+    key: &str,
+    index: usize,
+    strict: bool,
+) -> Result<(Uuid, bool), Rejection> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok((Uuid::now_v7(), true)),
+        Some(Value::String(text)) => match Uuid::parse_str(text) {
+            Ok(id) => Ok((id, false)),
+            Err(_) if strict => Err(reject(
+                index,
+                "invalid_event_id",
+                format!("{key} must be a UUID"),
+            )),
+            Err(_) if text.is_empty() || text.len() > 256 => Err(reject(
+                index,
+                "invalid_event_id",
+                format!("{key} must be 1 to 256 characters"),
+            )),
+            Err(_) => Ok((Uuid::new_v5(&MESSAGE_ID_NAMESPACE, text.as_bytes()), false)),
+        },
+        Some(_) => Err(reject(
+            index,
+            "invalid_event_id",
+            format!("{key} must be a string"),
+        )),
+    }
+}
+
+/// Fields shared by every wire shape once they are pulled out.
+struct Parts {
+    event_id: (Uuid, bool),
+    kind: EventType,
+    event: Option<String>,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    org_id: Option<String>,
+    previous_id: Option<String>,
+    original_timestamp: Option<DateTime<Utc>>,
+    sent_at: Option<DateTime<Utc>>,
+    properties: Map<String, Value>,
+    traits: Map<String, Value>,
+    context: Map<String, Value>,
+    schema_version: Option<String>,
+}
+
+fn finish(
+    parts: Parts,
+    index: usize,
+    envelope: &Envelope<'_>,
+    source: Source,
+) -> Result<Event, Rejection> {
+    if parts.user_id.is_none() && parts.anonymous_id.is_none() {
+        return Err(reject(
+            index,
+            "missing_identity",
+            "an event needs a user_id or an anonymous_id",
+        ));
+    }
+    let event = match (parts.kind, parts.event) {
+        (_, Some(name)) if name.len() > 256 => {
+            return Err(reject(
+                index,
+                "invalid_field",
+                "event name is longer than 256 bytes",
+            ))
+        }
+        (_, Some(name)) => name,
+        (EventType::Track, None) => {
+            return Err(reject(
+                index,
+                "missing_event_name",
+                "a track event needs an event name",
+            ))
+        }
+        (kind, None) => format!("${}", kind.as_str()),
+    };
+    let sent_at = parts.sent_at.or(envelope.sent_at);
+    let (timestamp, skew_corrected, future_clamped) =
+        correct_timestamp(parts.original_timestamp, sent_at, envelope.received_at);
+    let mut context = parts.context;
+    if let Some(batch_context) = envelope.context {
+        for (key, value) in batch_context {
+            context.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+    Ok(Event {
+        event_id: parts.event_id.0,
+        event_id_generated: parts.event_id.1,
+        kind: parts.kind,
+        event,
+        user_id: parts.user_id,
+        anonymous_id: parts.anonymous_id,
+        org_id: parts.org_id,
+        previous_id: parts.previous_id,
+        timestamp,
+        original_timestamp: parts.original_timestamp,
+        sent_at,
+        received_at: envelope.received_at,
+        skew_corrected,
+        future_clamped,
+        properties: parts.properties,
+        traits: parts.traits,
+        context,
+        schema_version: parts.schema_version,
+        source,
+    })
+}
+
+fn as_object<'v>(raw: &'v Value, index: usize) -> Result<&'v Map<String, Value>, Rejection> {
+    raw.as_object()
+        .ok_or_else(|| reject(index, "invalid_event", "an event must be a JSON object"))
+}
+
+fn check_size(raw_len: usize, index: usize, envelope: &Envelope<'_>) -> Result<(), Rejection> {
+    if raw_len > envelope.max_event_bytes {
+        return Err(reject(
+            index,
+            "event_too_large",
+            format!(
+                "the event is {raw_len} bytes; the limit is {}",
+                envelope.max_event_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes one event of the native API (`POST /v1/events`).
+pub fn decode_native(
+    raw: &Value,
+    raw_len: usize,
+    index: usize,
+    envelope: &Envelope<'_>,
+) -> Result<Event, Rejection> {
+    check_size(raw_len, index, envelope)?;
+    let object = as_object(raw, index)?;
+    let kind = match object.get("type") {
+        None | Some(Value::Null) => EventType::Track,
+        Some(Value::String(text)) => EventType::parse(text).ok_or_else(|| {
+            reject(
+                index,
+                "invalid_type",
+                format!("unknown event type {text:?}"),
+            )
+        })?,
+        Some(_) => return Err(reject(index, "invalid_type", "type must be a string")),
+    };
+    let mut properties = object_field(object, "properties", index)?;
+    if let Some(consent) = object.get("consent").filter(|v| !v.is_null()) {
+        properties.insert("$consent".into(), consent.clone());
+    }
+    let parts = Parts {
+        event_id: message_id(object, "event_id", index, true)?,
+        kind,
+        event: id_field(object, "event", index)?,
+        user_id: id_field(object, "user_id", index)?,
+        anonymous_id: id_field(object, "anonymous_id", index)?,
+        org_id: id_field(object, "org_id", index)?,
+        previous_id: id_field(object, "previous_id", index)?,
+        original_timestamp: time_field(object, "timestamp", index)?,
+        sent_at: time_field(object, "sent_at", index)?,
+        properties,
+        traits: object_field(object, "traits", index)?,
+        context: object_field(object, "context", index)?,
+        schema_version: id_field(object, "schema_version", index)?,
+    };
+    finish(parts, index, envelope, Source::Native)
+}
+
+/// Decodes one Segment message (`/v1/batch` item or a single-call body).
+/// `call` is the type implied by the endpoint (`/v1/track` → track); batch
+/// items carry their own `type`.
+pub fn decode_segment(
+    raw: &Value,
+    raw_len: usize,
+    index: usize,
+    call: Option<EventType>,
+    envelope: &Envelope<'_>,
+) -> Result<Event, Rejection> {
+    check_size(raw_len, index, envelope)?;
+    let object = as_object(raw, index)?;
+    let kind = match (call, object.get("type").and_then(Value::as_str)) {
+        (Some(kind), _) => kind,
+        (None, Some(text)) => EventType::parse(text).ok_or_else(|| {
+            reject(
+                index,
+                "invalid_type",
+                format!("unknown event type {text:?}"),
+            )
+        })?,
+        (None, None) => return Err(reject(index, "invalid_type", "a batch item needs a type")),
+    };
+    let name = match kind {
+        EventType::Track => id_field(object, "event", index)?,
+        EventType::Page | EventType::Screen => id_field(object, "name", index)?,
+        _ => None,
+    };
+    let org_id = match kind {
+        EventType::Group => id_field(object, "groupId", index)?,
+        _ => None,
+    };
+    let properties = object_field(object, "properties", index)?;
+    let parts = Parts {
+        event_id: message_id(object, "messageId", index, false)?,
+        kind,
+        event: name,
+        user_id: id_field(object, "userId", index)?,
+        anonymous_id: id_field(object, "anonymousId", index)?,
+        org_id,
+        previous_id: id_field(object, "previousId", index)?,
+        original_timestamp: time_field(object, "timestamp", index)?.or(time_field(
+            object,
+            "originalTimestamp",
+            index,
+        )?),
+        sent_at: time_field(object, "sentAt", index)?,
+        properties,
+        traits: object_field(object, "traits", index)?,
+        context: object_field(object, "context", index)?,
+        schema_version: None,
+    };
+    finish(parts, index, envelope, Source::Segment)
+}
+
+/// Decodes one PostHog capture event. PostHog has one id, `distinct_id`; it
+/// becomes `user_id`. `$identify` with `$anon_distinct_id` and
+/// `$create_alias` link the other id to it; `$groups` names the org.
+pub fn decode_posthog(
+    raw: &Value,
+    raw_len: usize,
+    index: usize,
+    envelope: &Envelope<'_>,
+) -> Result<Event, Rejection> {
+    check_size(raw_len, index, envelope)?;
+    let object = as_object(raw, index)?;
+    let mut properties = object_field(object, "properties", index)?;
+    let distinct_id = id_field(object, "distinct_id", index)?
+        .or(id_field(&properties, "distinct_id", index)?)
+        .ok_or_else(|| {
+            reject(
+                index,
+                "missing_identity",
+                "a PostHog event needs a distinct_id",
+            )
+        })?;
+    let name = id_field(object, "event", index)?.ok_or_else(|| {
+        reject(
+            index,
+            "missing_event_name",
+            "a PostHog event needs an event name",
+        )
+    })?;
+    let (kind, anonymous_id, previous_id) = match name.as_str() {
+        "$identify" => (
+            EventType::Identify,
+            id_field(&properties, "$anon_distinct_id", index)?,
+            None,
+        ),
+        "$create_alias" => (
+            EventType::Alias,
+            None,
+            id_field(&properties, "alias", index)?,
+        ),
+        "$pageview" => (EventType::Page, None, None),
+        "$screen" => (EventType::Screen, None, None),
+        "$groupidentify" => (EventType::Group, None, None),
+        _ => (EventType::Track, None, None),
+    };
+    // `$groups: {"company": "acme"}`: the first group is the org.
+    let org_id = properties
+        .get("$groups")
+        .and_then(Value::as_object)
+        .and_then(|groups| groups.values().find_map(|v| v.as_str().map(str::to_string)))
+        .or_else(|| match kind {
+            EventType::Group => properties
+                .get("$group_key")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        });
+    let kind = if kind == EventType::Track && org_id.is_some() && name == "$groupidentify" {
+        EventType::Group
+    } else {
+        kind
+    };
+    let mut traits = Map::new();
+    for key in ["$set", "$set_once"] {
+        if let Some(Value::Object(set)) = properties.remove(key) {
+            for (k, v) in set {
+                traits.entry(k).or_insert(v);
+            }
+        }
+    }
+    let mut context = Map::new();
+    if let Some(lib) = properties.get("$lib").cloned() {
+        context.insert(
+            "library".into(),
+            serde_json::json!({ "name": lib, "version": properties.get("$lib_version") }),
+        );
+    }
+    if let Some(ip) = properties.get("$ip").cloned() {
+        context.insert("ip".into(), ip);
+    }
+    let parts = Parts {
+        event_id: message_id(object, "uuid", index, false)?,
+        kind,
+        event: Some(name),
+        user_id: Some(distinct_id),
+        anonymous_id,
+        org_id,
+        previous_id,
+        original_timestamp: time_field(object, "timestamp", index)?,
+        sent_at: time_field(object, "sent_at", index)?,
+        properties,
+        traits,
+        context,
+        schema_version: None,
+    };
+    finish(parts, index, envelope, Source::Posthog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    fn t(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 31, h, m, s).unwrap()
+    }
+
+    fn envelope() -> Envelope<'static> {
+        Envelope {
+            received_at: t(12, 0, 0),
+            sent_at: None,
+            context: None,
+            max_event_bytes: 32 * 1024,
+        }
+    }
+
+    #[test]
+    fn small_skew_keeps_device_time_so_network_delay_never_reorders() {
+        // Sent 30 s "late" per the device: within tolerance, no correction.
+        let (ts, corrected, clamped) =
+            correct_timestamp(Some(t(11, 59, 0)), Some(t(11, 59, 30)), t(12, 0, 0));
+        assert_eq!((ts, corrected, clamped), (t(11, 59, 0), false, false));
+        // Exactly at the tolerance: still no correction.
+        let (ts, corrected, _) =
+            correct_timestamp(Some(t(11, 0, 0)), Some(t(11, 59, 0)), t(12, 0, 0));
+        assert_eq!((ts, corrected), (t(11, 0, 0), false));
+    }
+
+    #[test]
+    fn large_skew_is_corrected_from_sent_at() {
+        // Device clock 2 h behind: happened 10 s before sending.
+        let (ts, corrected, clamped) =
+            correct_timestamp(Some(t(9, 59, 50)), Some(t(10, 0, 0)), t(12, 0, 0));
+        assert_eq!((ts, corrected, clamped), (t(11, 59, 50), true, false));
+        // Device clock ahead by 3 h.
+        let (ts, corrected, _) =
+            correct_timestamp(Some(t(14, 59, 0)), Some(t(15, 0, 0)), t(12, 0, 0));
+        assert_eq!((ts, corrected), (t(11, 59, 0), true));
+    }
+
+    #[test]
+    fn far_future_timestamps_are_clamped_and_flagged() {
+        let (ts, corrected, clamped) = correct_timestamp(Some(t(13, 0, 1)), None, t(12, 0, 0));
+        assert_eq!((ts, corrected, clamped), (t(12, 0, 0), false, true));
+        let (ts, _, clamped) = correct_timestamp(Some(t(13, 0, 0)), None, t(12, 0, 0));
+        assert_eq!(
+            (ts, clamped),
+            (t(13, 0, 0), false),
+            "exactly one hour ahead is allowed"
+        );
+        assert_eq!(
+            correct_timestamp(None, None, t(12, 0, 0)),
+            (t(12, 0, 0), false, false)
+        );
+    }
+
+    #[test]
+    fn times_parse_from_rfc3339_and_epoch_millis() {
+        assert_eq!(
+            parse_time(&json!("2026-03-31T12:00:00Z")),
+            Some(t(12, 0, 0))
+        );
+        assert_eq!(
+            parse_time(&json!("2026-03-31T14:00:00+02:00")),
+            Some(t(12, 0, 0))
+        );
+        assert_eq!(
+            parse_time(&json!(t(12, 0, 0).timestamp_millis())),
+            Some(t(12, 0, 0))
+        );
+        assert_eq!(parse_time(&json!("yesterday")), None);
+        assert_eq!(parse_time(&json!(true)), None);
+    }
+
+    #[test]
+    fn native_events_decode_and_mint_ids() {
+        let raw = json!({"type": "track", "event": "project_created", "user_id": "u1", "properties": {"n": 3}});
+        let event = decode_native(&raw, 80, 0, &envelope()).unwrap();
+        assert_eq!(event.kind, EventType::Track);
+        assert_eq!(event.event, "project_created");
+        assert!(event.event_id_generated);
+        assert_eq!(event.event_id.get_version_num(), 7);
+        assert_eq!(event.timestamp, t(12, 0, 0));
+        assert_eq!(event.properties["n"], 3);
+
+        let id = Uuid::new_v4();
+        let raw = json!({"event_id": id, "type": "identify", "user_id": 42, "anonymous_id": "a1", "traits": {"plan": "free"}});
+        let event = decode_native(&raw, 80, 0, &envelope()).unwrap();
+        assert_eq!((event.event_id, event.event_id_generated), (id, false));
+        assert_eq!(event.user_id.as_deref(), Some("42"));
+        assert_eq!(event.event, "$identify");
+        assert_eq!(
+            event.effects(),
+            vec![Effect::LinkIdentity {
+                alias: "a1".into(),
+                user_id: "42".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn native_rejections_have_codes() {
+        let cases = [
+            (json!([1]), "invalid_event"),
+            (
+                json!({"type": "track", "user_id": "u"}),
+                "missing_event_name",
+            ),
+            (json!({"type": "track", "event": "x"}), "missing_identity"),
+            (
+                json!({"type": "shout", "event": "x", "user_id": "u"}),
+                "invalid_type",
+            ),
+            (
+                json!({"event_id": "not-a-uuid", "event": "x", "user_id": "u"}),
+                "invalid_event_id",
+            ),
+            (
+                json!({"event": "x", "user_id": "u", "timestamp": "soon"}),
+                "invalid_timestamp",
+            ),
+            (
+                json!({"event": "x", "user_id": "u", "properties": [1]}),
+                "invalid_field",
+            ),
+            (json!({"event": "x", "user_id": {"id": 1}}), "invalid_field"),
+        ];
+        for (raw, code) in cases {
+            assert_eq!(
+                decode_native(&raw, 10, 3, &envelope()).unwrap_err().code,
+                code,
+                "{raw}"
+            );
+        }
+        let big = decode_native(&json!({}), 40_000, 7, &envelope()).unwrap_err();
+        assert_eq!((big.index, big.code), (7, "event_too_large"));
+    }
+
+    #[test]
+    fn segment_messages_map_their_fields() {
+        let batch_context = json!({"library": {"name": "analytics-python"}, "ip": "1.2.3.4"});
+        let env = Envelope {
+            sent_at: Some(t(12, 0, 0)),
+            context: batch_context.as_object(),
+            ..envelope()
+        };
+        let raw = json!({"type": "track", "event": "Signed Up", "userId": "u1", "anonymousId": "a1",
+            "messageId": "ajs-next-123", "timestamp": "2026-03-31T11:59:59Z", "context": {"ip": "5.6.7.8"}});
+        let event = decode_segment(&raw, 100, 0, None, &env).unwrap();
+        assert_eq!(event.event, "Signed Up");
+        assert_eq!(
+            event.event_id,
+            Uuid::new_v5(&MESSAGE_ID_NAMESPACE, b"ajs-next-123"),
+            "stable id for retries"
+        );
+        assert_eq!(
+            event.context["ip"], "5.6.7.8",
+            "the event's own context wins"
+        );
+        assert_eq!(
+            event.context["library"]["name"], "analytics-python",
+            "batch context merges in"
+        );
+        assert_eq!(event.timestamp, t(11, 59, 59));
+
+        let alias = decode_segment(
+            &json!({"previousId": "a1", "userId": "u1"}),
+            10,
+            0,
+            Some(EventType::Alias),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            alias.effects(),
+            vec![Effect::LinkIdentity {
+                alias: "a1".into(),
+                user_id: "u1".into()
+            }]
+        );
+        let group = decode_segment(
+            &json!({"groupId": "acme", "userId": "u1"}),
+            10,
+            0,
+            Some(EventType::Group),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(group.org_id.as_deref(), Some("acme"));
+        assert_eq!(
+            group.effects(),
+            vec![Effect::JoinOrg {
+                distinct_id: "u1".into(),
+                org_id: "acme".into()
+            }]
+        );
+        let page = decode_segment(
+            &json!({"name": "Pricing", "anonymousId": "a1"}),
+            10,
+            0,
+            Some(EventType::Page),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(page.event, "Pricing");
+        assert_eq!(
+            decode_segment(&json!({"userId": "u"}), 10, 0, None, &env)
+                .unwrap_err()
+                .code,
+            "invalid_type"
+        );
+    }
+
+    #[test]
+    fn posthog_events_map_identify_alias_and_groups() {
+        let env = envelope();
+        let identify = json!({"event": "$identify", "distinct_id": "user-1", "uuid": Uuid::new_v4(),
+            "properties": {"$anon_distinct_id": "anon-1", "$set": {"email": "a@b.c"}}});
+        let event = decode_posthog(&identify, 10, 0, &env).unwrap();
+        assert_eq!(event.kind, EventType::Identify);
+        assert_eq!(event.traits["email"], "a@b.c");
+        assert_eq!(
+            event.effects(),
+            vec![Effect::LinkIdentity {
+                alias: "anon-1".into(),
+                user_id: "user-1".into()
+            }]
+        );
+
+        let alias = json!({"event": "$create_alias", "distinct_id": "user-1", "properties": {"alias": "other"}});
+        assert_eq!(
+            decode_posthog(&alias, 10, 0, &env).unwrap().effects(),
+            vec![Effect::LinkIdentity {
+                alias: "other".into(),
+                user_id: "user-1".into()
+            }]
+        );
+
+        let grouped = json!({"event": "clicked", "properties": {"distinct_id": "u2", "$groups": {"company": "acme"}}});
+        let event = decode_posthog(&grouped, 10, 0, &env).unwrap();
+        assert_eq!(
+            (event.user_id.as_deref(), event.org_id.as_deref()),
+            (Some("u2"), Some("acme"))
+        );
+
+        assert_eq!(
+            decode_posthog(&json!({"event": "x"}), 10, 0, &env)
+                .unwrap_err()
+                .code,
+            "missing_identity"
+        );
+        assert_eq!(
+            decode_posthog(&json!({"distinct_id": "u"}), 10, 0, &env)
+                .unwrap_err()
+                .code,
+            "missing_event_name"
+        );
+    }
+}
