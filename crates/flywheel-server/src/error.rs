@@ -39,6 +39,8 @@ pub struct ApiError {
     pub message: String,
     /// Present for 5xx only: logged, never sent.
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 pub fn status_for(kind: ErrorKind) -> StatusCode {
@@ -65,6 +67,7 @@ impl ApiError {
             code: code.into(),
             message: message.into(),
             source: None,
+            retry_after: None,
         }
     }
 
@@ -78,6 +81,7 @@ impl ApiError {
             code: "internal".into(),
             message: "an internal error occurred; it has been logged".into(),
             source: Some(source.into()),
+            retry_after: None,
         }
     }
 
@@ -87,6 +91,7 @@ impl ApiError {
             code: "store_unavailable".into(),
             message: "the store is unavailable; retry later".into(),
             source: Some(source.into()),
+            retry_after: None,
         }
     }
 }
@@ -133,7 +138,14 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let retry_after = self.retry_after;
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -26,6 +26,7 @@ use tower_http::trace::TraceLayer;
 
 pub mod auth;
 pub mod error;
+pub mod ingest;
 pub mod openapi;
 pub mod projects;
 pub mod routes;
@@ -98,11 +99,20 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             .await
             .context("cannot load configuration")?,
     );
+    let background = CancellationToken::new();
+    let (committer, committer_task) = ingest::Committer::spawn(
+        store.clone(),
+        settings.ingest.group_commit_max_events,
+        background.clone(),
+    );
     let state = AppState {
         store,
         snapshot: snapshot.clone(),
         clock,
         metrics: telemetry::metrics_handle(),
+        committer,
+        rate_limiter: Arc::new(ingest::RateLimiter::new(settings.ingest.rate_limit_per_key)),
+        ingest: Arc::new(settings.ingest.clone()),
     };
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -110,7 +120,6 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let local_addr = listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
-    let background = CancellationToken::new();
     let watcher = tokio::spawn(snapshot::watch(
         snapshot,
         Duration::from_millis(settings.snapshot.poll_interval_ms.max(10)),
@@ -133,6 +142,9 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         background.cancel();
         if let Err(error) = watcher.await {
             tracing::warn!(error = %error, "the snapshot watcher ended abnormally");
+        }
+        if let Err(error) = committer_task.await {
+            tracing::warn!(error = %error, "the event committer ended abnormally");
         }
         tracing::info!("shutdown complete");
         outcome

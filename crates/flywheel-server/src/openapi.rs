@@ -23,6 +23,12 @@ use crate::routes;
         routes::keys::list_keys,
         routes::keys::create_key,
         routes::keys::revoke_key,
+        routes::events::native,
+        routes::events::list_events,
+        routes::events::tail_events,
+        routes::events::segment_batch,
+        routes::events::segment_single,
+        routes::events::posthog,
     ),
     components(schemas(crate::error::ErrorEnvelope, crate::error::ErrorBody)),
     modifiers(&SecuritySchemes),
@@ -30,6 +36,7 @@ use crate::routes;
         (name = "operations", description = "Health, readiness, metrics, contract"),
         (name = "projects", description = "The calling key's project"),
         (name = "keys", description = "API key management (secret keys)"),
+        (name = "events", description = "Event ingestion (native, Segment, PostHog) and inspection"),
     )
 )]
 pub struct ApiDoc;

@@ -31,6 +31,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub store: StoreSettings,
     pub snapshot: SnapshotSettings,
+    pub ingest: IngestSettings,
 }
 
 impl Default for Settings {
@@ -43,6 +44,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             store: StoreSettings::default(),
             snapshot: SnapshotSettings::default(),
+            ingest: IngestSettings::default(),
         }
     }
 }
@@ -116,6 +118,30 @@ impl Default for SnapshotSettings {
     fn default() -> Self {
         Self {
             poll_interval_ms: 250,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    /// Largest single event, in bytes of JSON.
+    pub max_event_bytes: usize,
+    /// Largest request, in bytes after decompression.
+    pub max_batch_bytes: usize,
+    /// Requests per second one key may make to the event endpoints.
+    pub rate_limit_per_key: u32,
+    /// Most events one group commit writes in one transaction.
+    pub group_commit_max_events: usize,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 32 * 1024,
+            max_batch_bytes: 500 * 1024,
+            rate_limit_per_key: 1000,
+            group_commit_max_events: 10_000,
         }
     }
 }

@@ -6,6 +6,8 @@ use flywheel_domain::clock::SharedClock;
 use flywheel_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::ingest::{Committer, RateLimiter};
+use crate::settings::IngestSettings;
 use crate::snapshot::SnapshotCache;
 
 #[derive(Clone)]
@@ -14,6 +16,9 @@ pub struct AppState {
     pub snapshot: Arc<SnapshotCache>,
     pub clock: SharedClock,
     pub metrics: PrometheusHandle,
+    pub committer: Committer,
+    pub rate_limiter: Arc<RateLimiter>,
+    pub ingest: Arc<IngestSettings>,
 }
 
 impl std::fmt::Debug for AppState {

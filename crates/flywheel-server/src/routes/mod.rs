@@ -7,6 +7,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub mod events;
 pub mod health;
 pub mod keys;
 pub mod project;
@@ -17,6 +18,7 @@ pub fn router() -> Router<AppState> {
         .merge(health::router())
         .merge(project::router())
         .merge(keys::router())
+        .merge(events::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

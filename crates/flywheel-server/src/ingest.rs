@@ -1,0 +1,257 @@
+//! Event ingestion after decoding: rate limits, and the group committer that
+//! turns many concurrent requests into one transaction (one fsync) so a 2xx
+//! is only sent once the events and their effects are durable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flywheel_domain::events::{Event, Rejection};
+use flywheel_domain::project::{KeyId, ProjectId};
+use flywheel_store::{CommitResult, EventBatch, Store, StoreError};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+/// What a request's events came to.
+#[derive(Debug, Default, Clone, Serialize, ToSchema)]
+pub struct IngestOutcome {
+    /// Newly stored.
+    pub accepted: usize,
+    /// Already stored (same event id): nothing changed.
+    pub duplicates: usize,
+    /// Refused, with their batch index and code; the others were processed.
+    pub rejected: Vec<Rejection>,
+}
+
+/// A commit failure, copied to every request of the failed group.
+#[derive(Debug, Clone, Copy)]
+enum CommitFailure {
+    Unavailable,
+    Internal,
+}
+
+struct Job {
+    batch: EventBatch,
+    reply: oneshot::Sender<Result<Vec<CommitResult>, CommitFailure>>,
+}
+
+/// Handle to the group-commit task.
+#[derive(Debug, Clone)]
+pub struct Committer {
+    jobs: mpsc::Sender<Job>,
+    /// Woken after every commit (for live tails on this node).
+    pub committed: Arc<Notify>,
+}
+
+impl Committer {
+    /// Starts the commit task; it stops after `cancel`, once queued jobs are written.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        max_events: usize,
+        cancel: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (jobs, receiver) = mpsc::channel(4096);
+        let committed = Arc::new(Notify::new());
+        let task = tokio::spawn(run(
+            store,
+            receiver,
+            max_events.max(1),
+            committed.clone(),
+            cancel,
+        ));
+        (Self { jobs, committed }, task)
+    }
+
+    /// Commits one project's events (joining whatever else is waiting) and
+    /// returns once they are durable.
+    pub async fn commit(
+        &self,
+        project: ProjectId,
+        events: Vec<Event>,
+    ) -> Result<Vec<CommitResult>, ApiError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            batch: EventBatch { project, events },
+            reply,
+        };
+        let unavailable = || {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down; retry",
+            )
+        };
+        self.jobs.send(job).await.map_err(|_| unavailable())?;
+        match answer.await.map_err(|_| unavailable())? {
+            Ok(results) => Ok(results),
+            Err(CommitFailure::Unavailable) => Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the store is unavailable; nothing was stored, retry later",
+            )),
+            Err(CommitFailure::Internal) => {
+                Err(ApiError::internal("event commit failed (see the log)"))
+            }
+        }
+    }
+}
+
+async fn run(
+    store: Arc<dyn Store>,
+    mut receiver: mpsc::Receiver<Job>,
+    max_events: usize,
+    committed: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            job = receiver.recv() => match job { Some(job) => job, None => return },
+            _ = cancel.cancelled() => {
+                // Write what is queued, then stop.
+                receiver.close();
+                while let Some(job) = receiver.recv().await {
+                    commit_group(store.as_ref(), vec![job], &committed).await;
+                }
+                return;
+            }
+        };
+        // Everything that queued while the previous commit ran joins this one.
+        let mut group = vec![first];
+        let mut events = group[0].batch.events.len();
+        while events < max_events {
+            match receiver.try_recv() {
+                Ok(job) => {
+                    events += job.batch.events.len();
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        commit_group(store.as_ref(), group, &committed).await;
+    }
+}
+
+async fn commit_group(store: &dyn Store, group: Vec<Job>, committed: &Notify) {
+    let started = Instant::now();
+    let (batches, replies): (Vec<_>, Vec<_>) =
+        group.into_iter().map(|job| (job.batch, job.reply)).unzip();
+    let count: usize = batches.iter().map(|b| b.events.len()).sum();
+    match store.commit_events(&batches).await {
+        Ok(results) => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+            committed.notify_waiters();
+        }
+        Err(error) => {
+            let failure = match error {
+                StoreError::Unavailable(_) => CommitFailure::Unavailable,
+                _ => CommitFailure::Internal,
+            };
+            tracing::error!(error = %error, events = count, "event commit failed; nothing of the group was stored");
+            for reply in replies {
+                let _ = reply.send(Err(failure));
+            }
+        }
+    }
+    metrics::histogram!("flywheel_group_commit_events").record(count as f64);
+    metrics::histogram!("flywheel_group_commit_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Per-key token buckets: `rate` requests per second, bursts up to `rate`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<KeyId, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            rate: f64::from(per_second.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Err(retry_after)` when the key is over its rate.
+    pub fn check(&self, key: KeyId, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (tokens, last) = buckets.entry(key).or_insert((self.rate, now));
+        let elapsed = now.saturating_duration_since(*last).as_secs_f64();
+        *tokens = (*tokens + elapsed * self.rate).min(self.rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate).max(Duration::from_secs(1)))
+        }
+    }
+}
+
+/// Splits decode results into events to commit and rejections, commits, and
+/// counts the outcome.
+pub async fn ingest(
+    committer: &Committer,
+    project: ProjectId,
+    decoded: Vec<Result<Event, Rejection>>,
+) -> Result<IngestOutcome, ApiError> {
+    let mut outcome = IngestOutcome::default();
+    let mut events = Vec::with_capacity(decoded.len());
+    for item in decoded {
+        match item {
+            Ok(event) => events.push(event),
+            Err(rejection) => outcome.rejected.push(rejection),
+        }
+    }
+    for result in committer.commit(project, events).await? {
+        match result {
+            CommitResult::Accepted { .. } => outcome.accepted += 1,
+            CommitResult::Duplicate => outcome.duplicates += 1,
+        }
+    }
+    metrics::counter!("flywheel_events_accepted_total").increment(outcome.accepted as u64);
+    metrics::counter!("flywheel_events_duplicate_total").increment(outcome.duplicates as u64);
+    metrics::counter!("flywheel_events_rejected_total").increment(outcome.rejected.len() as u64);
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_refills() {
+        let limiter = RateLimiter::new(3);
+        let key = KeyId(Uuid::now_v7());
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert!(limiter.check(key, start).is_ok());
+        }
+        let retry = limiter.check(key, start).unwrap_err();
+        assert!(
+            retry >= Duration::from_secs(1),
+            "Retry-After is whole seconds"
+        );
+        // A third of a second later one token is back.
+        assert!(limiter
+            .check(key, start + Duration::from_millis(334))
+            .is_ok());
+        assert!(limiter
+            .check(key, start + Duration::from_millis(334))
+            .is_err());
+        // Other keys are unaffected.
+        assert!(limiter.check(KeyId(Uuid::now_v7()), start).is_ok());
+    }
+}
