@@ -385,7 +385,7 @@ fn finish(
     })
 }
 
-fn as_object<'v>(raw: &'v Value, index: usize) -> Result<&'v Map<String, Value>, Rejection> {
+fn as_object(raw: &Value, index: usize) -> Result<&Map<String, Value>, Rejection> {
     raw.as_object()
         .ok_or_else(|| reject(index, "invalid_event", "an event must be a JSON object"))
 }

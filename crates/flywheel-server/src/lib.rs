@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, ETAG, RETRY_AFTER};
+use axum::http::{HeaderName, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -166,6 +168,7 @@ pub fn app(state: AppState, settings: &Settings) -> Router {
         .layer(middleware::from_fn(telemetry::track_http))
         .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
         .with_state(state)
+        .layer(cors())
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
@@ -186,6 +189,24 @@ pub fn app(state: AppState, settings: &Settings) -> Router {
                     enforce_timeout(timeout, request, next)
                 })),
         )
+}
+
+/// Browsers call Flywheel with publishable keys from the product's own
+/// origin, whatever it is. Keys travel in headers, never in cookies, so
+/// allowing every origin exposes nothing a script could not already send.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            CONTENT_ENCODING,
+            HeaderName::from_static("x-api-key"),
+            REQUEST_ID,
+        ])
+        .expose_headers([REQUEST_ID, RETRY_AFTER, ETAG])
+        .max_age(Duration::from_secs(86_400))
 }
 
 async fn enforce_timeout(timeout: Duration, request: Request, next: Next) -> Response {

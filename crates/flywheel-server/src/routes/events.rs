@@ -8,9 +8,9 @@ use std::io::Read as _;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,7 +25,6 @@ use futures_util::stream::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tower_http::cors::{Any, CorsLayer};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::SecretKey;
@@ -34,24 +33,28 @@ use crate::ingest::{self, IngestOutcome};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    // Browsers send events with publishable keys from any origin.
-    let cors = CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
-        .allow_headers([AUTHORIZATION, CONTENT_TYPE, CONTENT_ENCODING])
-        .max_age(Duration::from_secs(86_400));
     let mut ingest = Router::new()
         .route("/v1/events", post(native).get(list_events))
-        .route("/v1/batch", post(segment_batch))
-        .route("/v1/{call}", post(segment_single));
+        .route("/v1/batch", post(segment_batch));
+    for kind in [
+        EventType::Track,
+        EventType::Identify,
+        EventType::Alias,
+        EventType::Group,
+        EventType::Page,
+        EventType::Screen,
+    ] {
+        let handler = move |state: State<AppState>, headers: HeaderMap, body: Body| {
+            segment_single(state, kind, headers, body)
+        };
+        ingest = ingest.route(&format!("/v1/{}", kind.as_str()), post(handler));
+    }
     for path in ["/batch", "/e", "/i/v0/e", "/capture", "/track", "/engage"] {
         ingest = ingest
             .route(path, post(posthog))
             .route(&format!("{path}/"), post(posthog));
     }
-    ingest
-        .layer(cors)
-        .route("/v1/events/tail", get(tail_events))
+    ingest.route("/v1/events/tail", get(tail_events))
 }
 
 /// Reads the body: at most `max` bytes after gzip decompression.
@@ -378,21 +381,13 @@ pub async fn segment_batch(
         (status = 200, description = "Stored", body = SegmentAnswer),
         (status = 400, description = "The message was rejected", body = ErrorEnvelope),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
-        (status = 404, description = "Not a Segment call", body = ErrorEnvelope),
     ))]
 pub async fn segment_single(
     State(state): State<AppState>,
-    Path(call): Path<String>,
+    kind: EventType,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<SegmentAnswer>, ApiError> {
-    let Some(kind) = EventType::parse(&call) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "route_not_found",
-            format!("no route for POST /v1/{call}"),
-        ));
-    };
     let (bytes, value): (Bytes, Value) = read_json_body(&state, &headers, body).await?;
     let key = basic_user(&headers)
         .or_else(|| {
