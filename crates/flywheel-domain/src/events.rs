@@ -90,6 +90,9 @@ pub struct Event {
     pub context: Map<String, Value>,
     pub schema_version: Option<String>,
     pub source: Source,
+    /// Problems against the project's schema, recorded in `warn` mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schema_violations: Vec<String>,
 }
 
 impl Event {
@@ -124,6 +127,11 @@ impl Event {
             }
             _ => {}
         }
+        if !self.schema_violations.is_empty() {
+            effects.push(Effect::RecordSchemaViolation {
+                problems: self.schema_violations.clone(),
+            });
+        }
         if let Some(org) = &self.org_id {
             if self.kind == EventType::Group {
                 effects.push(Effect::JoinOrg {
@@ -145,6 +153,55 @@ pub enum Effect {
     LinkIdentity { alias: String, user_id: String },
     /// The actor belongs to the org.
     JoinOrg { distinct_id: String, org_id: String },
+    /// The event broke its schema (`warn` mode): keep it for review.
+    RecordSchemaViolation { problems: Vec<String> },
+}
+
+/// What the ingestion pipeline decided for one decoded event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prepared {
+    /// Store it (privacy applied, violations noted in `warn` mode).
+    Store(Box<Event>),
+    /// Dropped and counted: the project requires analytics consent.
+    DroppedNoConsent,
+    /// Refused (`enforce` mode schema violation).
+    Rejected(Rejection),
+}
+
+/// Applies the project's rules to a decoded event, in order: consent, schema
+/// (against what the client sent), IP reduction, PII redaction.
+pub fn prepare(
+    mut event: Event,
+    index: usize,
+    config: &crate::snapshot::ProjectConfig,
+) -> Prepared {
+    use crate::privacy::{has_analytics_consent, redact_pii, reduce_ips, SchemaMode};
+    let settings = &config.settings;
+    if settings.require_analytics_consent && !has_analytics_consent(&event) {
+        return Prepared::DroppedNoConsent;
+    }
+    if settings.schema_mode != SchemaMode::Off {
+        if let Some(schema) = config.schemas.get(&event.event) {
+            let problems = schema.violations(&event);
+            if !problems.is_empty() {
+                if settings.schema_mode == SchemaMode::Enforce {
+                    return Prepared::Rejected(Rejection {
+                        index,
+                        code: "schema_violation",
+                        message: format!(
+                            "{} (schema version {})",
+                            problems.join("; "),
+                            schema.version
+                        ),
+                    });
+                }
+                event.schema_violations = problems;
+            }
+        }
+    }
+    reduce_ips(&mut event, settings.ip_handling);
+    redact_pii(&mut event, settings);
+    Prepared::Store(Box::new(event))
 }
 
 /// Why one event of a batch was rejected (the rest proceed).
@@ -382,6 +439,7 @@ fn finish(
         context,
         schema_version: parts.schema_version,
         source,
+        schema_violations: Vec::new(),
     })
 }
 

@@ -8,7 +8,9 @@ pub mod clock;
 pub mod error;
 pub mod events;
 pub mod keys;
+pub mod privacy;
 pub mod project;
+pub mod schemas;
 pub mod snapshot;
 
 pub use error::{DomainError, ErrorKind};

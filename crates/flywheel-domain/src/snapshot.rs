@@ -6,12 +6,14 @@
 //! new [`ProjectConfig`] for the changed project and a new
 //! [`DecisionSnapshot`] that shares every other project's `Arc`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::error::{DomainError, ErrorKind};
 use crate::keys::{KeyKind, PresentedKey, Scope};
+use crate::privacy::ProjectSettings;
 use crate::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use crate::schemas::EventSchema;
 
 /// Everything the hot path needs about one project. Later features (flags,
 /// plans, rules) add their compiled form here.
@@ -20,6 +22,9 @@ pub struct ProjectConfig {
     pub project: Project,
     /// Active keys only; revoked keys are not loaded.
     pub keys: Vec<ApiKeyRecord>,
+    pub settings: ProjectSettings,
+    /// Event schemas by event name.
+    pub schemas: BTreeMap<String, EventSchema>,
 }
 
 /// Who is calling: the outcome of authenticating a request.
@@ -182,6 +187,8 @@ mod tests {
             ProjectConfig {
                 project,
                 keys: records,
+                settings: ProjectSettings::default(),
+                schemas: BTreeMap::new(),
             },
             generated,
         )

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flywheel_domain::events::Event;
+use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::schemas::EventSchema;
 use flywheel_domain::snapshot::ProjectConfig;
 
 pub mod postgres;
@@ -124,6 +126,17 @@ pub enum CommitResult {
     /// An event with the same id was already stored (or came earlier in the
     /// same batch); the first one is kept, this one changed nothing.
     Duplicate,
+    /// Its user or anonymous id belongs to a deleted person: dropped.
+    Suppressed,
+}
+
+/// An event stored in `warn` mode despite breaking its schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaViolation {
+    pub event_id: uuid::Uuid,
+    pub event: String,
+    pub problems: Vec<String>,
+    pub recorded_at: DateTime<Utc>,
 }
 
 /// A filter over a project's stored events, newest first.
@@ -234,6 +247,47 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         project: ProjectId,
         distinct_id: &str,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// Replaces the project's settings.
+    async fn update_project_settings(
+        &self,
+        project: ProjectId,
+        settings: &ProjectSettings,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Creates or replaces the schema of `schema.event`.
+    async fn put_event_schema(
+        &self,
+        project: ProjectId,
+        schema: &EventSchema,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Removes a schema; `NotFound` when there was none.
+    async fn delete_event_schema(
+        &self,
+        project: ProjectId,
+        event: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Recorded violations, newest first.
+    async fn list_schema_violations(
+        &self,
+        project: ProjectId,
+        limit: u32,
+    ) -> Result<Vec<SchemaViolation>, StoreError>;
+
+    /// Deletes a person's events, identity links and memberships, and
+    /// suppresses every one of `ids` so late retries are dropped. Returns how
+    /// many events were deleted.
+    async fn delete_person(
+        &self,
+        project: ProjectId,
+        ids: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
 
     /// A push channel for changes, where the backend has one (PostgreSQL);
     /// `None` means the caller polls [`Store::config_changes_since`].

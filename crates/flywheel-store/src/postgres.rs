@@ -8,14 +8,16 @@
 //!   nodes follow NOTIFY rather than polling `seq`; after a lost listener
 //!   connection they reload everything ([`ConfigSignal::Resync`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flywheel_domain::events::{Effect, Event};
 use flywheel_domain::keys::{KeyHash, KeyKind};
+use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::schemas::EventSchema;
 use flywheel_domain::snapshot::ProjectConfig;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
@@ -23,8 +25,8 @@ use uuid::Uuid;
 
 use crate::{
     distinct_projects, redact_url, timed, Backend, CommitResult, ConfigChanges, ConfigListener,
-    ConfigSignal, EventBatch, EventQuery, OpenError, Store, StoreError, StoreOptions, StoredEvent,
-    MAX_LINK_DEPTH,
+    ConfigSignal, EventBatch, EventQuery, OpenError, SchemaViolation, Store, StoreError,
+    StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -88,6 +90,42 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         Ok(())
+    }
+
+    /// A project's snapshot configuration: active keys, settings, schemas.
+    async fn config_of(&self, project: Project) -> Result<ProjectConfig, StoreError> {
+        let keys = self
+            .keys_where("AND revoked_at IS NULL", project.id)
+            .await?;
+        let settings_json: serde_json::Value =
+            sqlx::query_scalar("SELECT settings FROM projects WHERE id = $1")
+                .bind(project.id.0)
+                .fetch_one(&self.pool)
+                .await?;
+        let settings = serde_json::from_value(settings_json).map_err(StoreError::internal)?;
+        let rows =
+            sqlx::query("SELECT event, version, required FROM event_schemas WHERE project_id = $1")
+                .bind(project.id.0)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut schemas = BTreeMap::new();
+        for row in rows {
+            let event: String = row.try_get("event")?;
+            let version: i32 = row.try_get("version")?;
+            let required: serde_json::Value = row.try_get("required")?;
+            let schema = EventSchema {
+                event: event.clone(),
+                version: u32::try_from(version).map_err(StoreError::internal)?,
+                required: serde_json::from_value(required).map_err(StoreError::internal)?,
+            };
+            schemas.insert(event, schema);
+        }
+        Ok(ProjectConfig {
+            project,
+            keys,
+            settings,
+            schemas,
+        })
     }
 
     async fn keys_where(
@@ -178,6 +216,17 @@ async fn commit_batch(
             .bind(project)
             .fetch_one(&mut *tx)
             .await?;
+    let named: HashSet<&str> = batch.events.iter().flat_map(event_ids).collect();
+    let named: Vec<&str> = named.into_iter().collect();
+    let suppressed: HashSet<String> = sqlx::query_scalar::<_, String>(
+        "SELECT distinct_id FROM suppressed_ids WHERE project_id = $1 AND distinct_id = ANY($2)",
+    )
+    .bind(project)
+    .bind(&named)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
     let ids: Vec<Uuid> = batch.events.iter().map(|e| e.event_id).collect();
     let found: Vec<Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM events WHERE project_id = $1 AND event_id = ANY($2)",
@@ -191,7 +240,9 @@ async fn commit_batch(
     let mut results = Vec::with_capacity(batch.events.len());
     let mut fresh: Vec<(i64, &Event)> = Vec::with_capacity(batch.events.len());
     for event in &batch.events {
-        if stored.insert(event.event_id) {
+        if is_suppressed(event, &suppressed) {
+            results.push(CommitResult::Suppressed);
+        } else if stored.insert(event.event_id) {
             next += 1;
             results.push(CommitResult::Accepted { seq: next });
             fresh.push((next, event));
@@ -256,6 +307,19 @@ async fn apply_effect(
             .bind(project)
             .bind(&alias)
             .bind(&root)
+            .bind(event.received_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Effect::RecordSchemaViolation { problems } => {
+            sqlx::query(
+                "INSERT INTO schema_violations (project_id, event_id, event, problems, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(project)
+            .bind(event.event_id)
+            .bind(&event.event)
+            .bind(serde_json::to_value(&problems).map_err(StoreError::internal)?)
             .bind(event.received_at)
             .execute(&mut *tx)
             .await?;
@@ -439,11 +503,7 @@ impl Store for PgStore {
             let Some(found) = self.project_by_id(project).await? else {
                 return Ok(None);
             };
-            let keys = self.keys_where("AND revoked_at IS NULL", project).await?;
-            Ok(Some(ProjectConfig {
-                project: found,
-                keys,
-            }))
+            Ok(Some(self.config_of(found).await?))
         })
         .await
     }
@@ -453,10 +513,7 @@ impl Store for PgStore {
             let projects = self.list_projects().await?;
             let mut configs = Vec::with_capacity(projects.len());
             for project in projects {
-                let keys = self
-                    .keys_where("AND revoked_at IS NULL", project.id)
-                    .await?;
-                configs.push(ProjectConfig { project, keys });
+                configs.push(self.config_of(project).await?);
             }
             Ok(configs)
         })
@@ -619,6 +676,153 @@ impl Store for PgStore {
         .await
     }
 
+    async fn update_project_settings(
+        &self,
+        project: ProjectId,
+        settings: &ProjectSettings,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        timed(Backend::Postgres, "update_project_settings", async {
+            let mut tx = self.pool.begin().await?;
+            let updated = sqlx::query("UPDATE projects SET settings = $1 WHERE id = $2")
+                .bind(serde_json::to_value(settings).map_err(StoreError::internal)?)
+                .bind(project.0)
+                .execute(&mut *tx)
+                .await?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Self::record_change(&mut tx, project, "settings", at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_event_schema(
+        &self,
+        project: ProjectId,
+        schema: &EventSchema,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        timed(Backend::Postgres, "put_event_schema", async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO event_schemas (project_id, event, version, required, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (project_id, event) DO UPDATE SET \
+                 version = excluded.version, required = excluded.required, updated_at = excluded.updated_at",
+            )
+            .bind(project.0)
+            .bind(&schema.event)
+            .bind(i32::try_from(schema.version).map_err(StoreError::internal)?)
+            .bind(serde_json::to_value(&schema.required).map_err(StoreError::internal)?)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            Self::record_change(&mut tx, project, "event_schema", at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_event_schema(
+        &self,
+        project: ProjectId,
+        event: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        timed(Backend::Postgres, "delete_event_schema", async {
+            let mut tx = self.pool.begin().await?;
+            let deleted =
+                sqlx::query("DELETE FROM event_schemas WHERE project_id = $1 AND event = $2")
+                    .bind(project.0)
+                    .bind(event)
+                    .execute(&mut *tx)
+                    .await?;
+            if deleted.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Self::record_change(&mut tx, project, "event_schema", at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_schema_violations(
+        &self,
+        project: ProjectId,
+        limit: u32,
+    ) -> Result<Vec<SchemaViolation>, StoreError> {
+        timed(Backend::Postgres, "list_schema_violations", async {
+            let rows = sqlx::query(
+                "SELECT event_id, event, problems, recorded_at FROM schema_violations \
+                 WHERE project_id = $1 ORDER BY recorded_at DESC, event_id LIMIT $2",
+            )
+            .bind(project.0)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    let problems: serde_json::Value = row.try_get("problems")?;
+                    Ok(SchemaViolation {
+                        event_id: row.try_get("event_id")?,
+                        event: row.try_get("event")?,
+                        problems: serde_json::from_value(problems).map_err(StoreError::internal)?,
+                        recorded_at: row.try_get("recorded_at")?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_person(
+        &self,
+        project: ProjectId,
+        ids: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        timed(Backend::Postgres, "delete_person", async {
+            let mut tx = self.pool.begin().await?;
+            let deleted = sqlx::query(
+                "DELETE FROM events WHERE project_id = $1 \
+                 AND (distinct_id = ANY($2) OR body->>'anonymous_id' = ANY($2))",
+            )
+            .bind(project.0)
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "DELETE FROM identity_links WHERE project_id = $1 AND (alias = ANY($2) OR user_id = ANY($2))",
+            )
+            .bind(project.0)
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM org_members WHERE project_id = $1 AND distinct_id = ANY($2)")
+                .bind(project.0)
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO suppressed_ids (project_id, distinct_id, suppressed_at) \
+                 SELECT $1, id, $3 FROM UNNEST($2::text[]) AS id ON CONFLICT DO NOTHING",
+            )
+            .bind(project.0)
+            .bind(ids)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CONFIG_CHANNEL).await?;
@@ -643,4 +847,17 @@ impl ConfigListener for PgConfigListener {
             },
         }
     }
+}
+
+/// The user and anonymous ids an event names.
+fn event_ids(event: &Event) -> impl Iterator<Item = &str> {
+    event
+        .user_id
+        .as_deref()
+        .into_iter()
+        .chain(event.anonymous_id.as_deref())
+}
+
+fn is_suppressed(event: &Event, suppressed: &HashSet<String>) -> bool {
+    !suppressed.is_empty() && event_ids(event).any(|id| suppressed.contains(id))
 }

@@ -8,7 +8,7 @@
 //! * `synchronous = FULL` with WAL: a commit is on disk when it returns.
 //! * Times are stored as Unix microseconds, ids as hyphenated UUID text.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -16,7 +16,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use flywheel_domain::events::{Effect, Event};
 use flywheel_domain::keys::{KeyHash, KeyKind};
+use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::schemas::EventSchema;
 use flywheel_domain::snapshot::ProjectConfig;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -26,7 +28,8 @@ use uuid::Uuid;
 
 use crate::{
     distinct_projects, timed, Backend, CommitResult, ConfigChanges, ConfigListener, EventBatch,
-    EventQuery, OpenError, Store, StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    EventQuery, OpenError, SchemaViolation, Store, StoreError, StoreOptions, StoredEvent,
+    MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -87,6 +90,43 @@ impl SqliteStore {
             .execute(tx)
             .await?;
         Ok(())
+    }
+
+    /// A project's snapshot configuration: active keys, settings, schemas.
+    async fn config_of(&self, project: Project) -> Result<ProjectConfig, StoreError> {
+        let keys = self
+            .keys_where("AND revoked_at IS NULL", project.id)
+            .await?;
+        let id = project.id.0.to_string();
+        let settings_json: String =
+            sqlx::query_scalar("SELECT settings FROM projects WHERE id = ?")
+                .bind(&id)
+                .fetch_one(&self.reader)
+                .await?;
+        let settings = serde_json::from_str(&settings_json).map_err(StoreError::internal)?;
+        let rows =
+            sqlx::query("SELECT event, version, required FROM event_schemas WHERE project_id = ?")
+                .bind(&id)
+                .fetch_all(&self.reader)
+                .await?;
+        let mut schemas = BTreeMap::new();
+        for row in rows {
+            let event: String = row.try_get("event")?;
+            let version: i64 = row.try_get("version")?;
+            let required: String = row.try_get("required")?;
+            let schema = EventSchema {
+                event: event.clone(),
+                version: u32::try_from(version).map_err(StoreError::internal)?,
+                required: serde_json::from_str(&required).map_err(StoreError::internal)?,
+            };
+            schemas.insert(event, schema);
+        }
+        Ok(ProjectConfig {
+            project,
+            keys,
+            settings,
+            schemas,
+        })
     }
 
     async fn keys_where(
@@ -197,6 +237,7 @@ async fn commit_batch(
         let found: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
         stored.extend(found);
     }
+    let suppressed = suppressed_among(&mut *tx, &project, &batch.events).await?;
     let last: Option<i64> =
         sqlx::query_scalar("SELECT last_seq FROM event_sequences WHERE project_id = ?")
             .bind(&project)
@@ -206,8 +247,10 @@ async fn commit_batch(
     let mut results = Vec::with_capacity(batch.events.len());
     let mut fresh: Vec<(i64, &Event)> = Vec::with_capacity(batch.events.len());
     for event in &batch.events {
+        if is_suppressed(event, &suppressed) {
+            results.push(CommitResult::Suppressed);
         // `insert` is false for an id already stored or earlier in this batch.
-        if stored.insert(event.event_id.to_string()) {
+        } else if stored.insert(event.event_id.to_string()) {
             next += 1;
             results.push(CommitResult::Accepted { seq: next });
             fresh.push((next, event));
@@ -259,6 +302,31 @@ async fn commit_batch(
     Ok(results)
 }
 
+/// The ids of this batch that belong to deleted people.
+async fn suppressed_among(
+    tx: &mut SqliteConnection,
+    project: &str,
+    events: &[Event],
+) -> Result<HashSet<String>, StoreError> {
+    let ids: HashSet<&str> = events.iter().flat_map(event_ids).collect();
+    let mut found = HashSet::new();
+    let ids: Vec<&str> = ids.into_iter().collect();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT distinct_id FROM suppressed_ids WHERE project_id = ",
+        );
+        query.push_bind(project).push(" AND distinct_id IN (");
+        let mut list = query.separated(", ");
+        for id in chunk {
+            list.push_bind(id.to_string());
+        }
+        query.push(")");
+        let rows: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
 /// Applies what an event implies, inside the event's transaction.
 async fn apply_effect(
     tx: &mut SqliteConnection,
@@ -280,6 +348,19 @@ async fn apply_effect(
             .bind(project)
             .bind(&alias)
             .bind(&root)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Effect::RecordSchemaViolation { problems } => {
+            sqlx::query(
+                "INSERT INTO schema_violations (project_id, event_id, event, problems, recorded_at) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(project)
+            .bind(event.event_id.to_string())
+            .bind(&event.event)
+            .bind(serde_json::to_string(&problems).map_err(StoreError::internal)?)
             .bind(at)
             .execute(&mut *tx)
             .await?;
@@ -461,11 +542,7 @@ impl Store for SqliteStore {
             let Some(found) = self.project_by_id(project).await? else {
                 return Ok(None);
             };
-            let keys = self.keys_where("AND revoked_at IS NULL", project).await?;
-            Ok(Some(ProjectConfig {
-                project: found,
-                keys,
-            }))
+            Ok(Some(self.config_of(found).await?))
         })
         .await
     }
@@ -475,10 +552,7 @@ impl Store for SqliteStore {
             let projects = self.list_projects().await?;
             let mut configs = Vec::with_capacity(projects.len());
             for project in projects {
-                let keys = self
-                    .keys_where("AND revoked_at IS NULL", project.id)
-                    .await?;
-                configs.push(ProjectConfig { project, keys });
+                configs.push(self.config_of(project).await?);
             }
             Ok(configs)
         })
@@ -664,9 +738,179 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn update_project_settings(
+        &self,
+        project: ProjectId,
+        settings: &ProjectSettings,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        timed(Backend::Sqlite, "update_project_settings", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let updated = sqlx::query("UPDATE projects SET settings = ? WHERE id = ?")
+                .bind(serde_json::to_string(settings).map_err(StoreError::internal)?)
+                .bind(project.0.to_string())
+                .execute(&mut *tx)
+                .await?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Self::record_change(&mut tx, project, "settings", at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_event_schema(
+        &self,
+        project: ProjectId,
+        schema: &EventSchema,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        timed(Backend::Sqlite, "put_event_schema", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            sqlx::query(
+                "INSERT INTO event_schemas (project_id, event, version, required, updated_at) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (project_id, event) DO UPDATE SET version = excluded.version, \
+                 required = excluded.required, updated_at = excluded.updated_at",
+            )
+            .bind(project.0.to_string())
+            .bind(&schema.event)
+            .bind(i64::from(schema.version))
+            .bind(serde_json::to_string(&schema.required).map_err(StoreError::internal)?)
+            .bind(at.timestamp_micros())
+            .execute(&mut *tx)
+            .await?;
+            Self::record_change(&mut tx, project, "event_schema", at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_event_schema(
+        &self,
+        project: ProjectId,
+        event: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        timed(Backend::Sqlite, "delete_event_schema", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let deleted =
+                sqlx::query("DELETE FROM event_schemas WHERE project_id = ? AND event = ?")
+                    .bind(project.0.to_string())
+                    .bind(event)
+                    .execute(&mut *tx)
+                    .await?;
+            if deleted.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Self::record_change(&mut tx, project, "event_schema", at).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_schema_violations(
+        &self,
+        project: ProjectId,
+        limit: u32,
+    ) -> Result<Vec<SchemaViolation>, StoreError> {
+        timed(Backend::Sqlite, "list_schema_violations", async {
+            let rows = sqlx::query(
+                "SELECT event_id, event, problems, recorded_at FROM schema_violations WHERE project_id = ? \
+                 ORDER BY recorded_at DESC, event_id LIMIT ?",
+            )
+            .bind(project.0.to_string())
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    let problems: String = row.try_get("problems")?;
+                    Ok(SchemaViolation {
+                        event_id: uuid_column(row, "event_id")?,
+                        event: row.try_get("event")?,
+                        problems: serde_json::from_str(&problems).map_err(StoreError::internal)?,
+                        recorded_at: micros_to_time(row.try_get("recorded_at")?)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_person(
+        &self,
+        project: ProjectId,
+        ids: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        timed(Backend::Sqlite, "delete_person", async {
+            let project = project.0.to_string();
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let mut deleted = 0;
+            for id in ids {
+                deleted += sqlx::query("DELETE FROM events WHERE project_id = ? AND distinct_id = ?")
+                    .bind(&project)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                // Events that named the id as their anonymous id.
+                deleted += sqlx::query(
+                    "DELETE FROM events WHERE project_id = ? AND json_extract(body, '$.anonymous_id') = ?",
+                )
+                .bind(&project)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query(
+                    "DELETE FROM identity_links WHERE project_id = ?1 AND (alias = ?2 OR user_id = ?2)",
+                )
+                .bind(&project)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM org_members WHERE project_id = ? AND distinct_id = ?")
+                    .bind(&project)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO suppressed_ids (project_id, distinct_id, suppressed_at) VALUES (?, ?, ?) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&project)
+                .bind(id)
+                .bind(at.timestamp_micros())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
         // Writers serialise on SQLite's lock, so sequence numbers commit in
         // order and polling `config_changes_since` never skips a change.
         Ok(None)
     }
+}
+
+/// The user and anonymous ids an event names.
+fn event_ids(event: &Event) -> impl Iterator<Item = &str> {
+    event
+        .user_id
+        .as_deref()
+        .into_iter()
+        .chain(event.anonymous_id.as_deref())
+}
+
+fn is_suppressed(event: &Event, suppressed: &HashSet<String>) -> bool {
+    !suppressed.is_empty() && event_ids(event).any(|id| suppressed.contains(id))
 }

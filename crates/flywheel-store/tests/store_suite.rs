@@ -8,7 +8,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use flywheel_domain::events::{Event, EventType, Source};
 use flywheel_domain::keys::{GeneratedKey, KeyKind};
+use flywheel_domain::privacy::{IpHandling, ProjectSettings, SchemaMode};
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
+use flywheel_domain::schemas::{EventSchema, PropertyType};
 use flywheel_store::testing::TestDatabase;
 use flywheel_store::{
     Backend, CommitResult, ConfigSignal, EventBatch, EventQuery, Store, StoreError,
@@ -43,6 +45,8 @@ store_suite!(
     identity_links_resolve_at_read_and_first_link_wins,
     event_queries_filter_and_tail,
     concurrent_event_commits_number_without_gaps,
+    settings_and_schemas_are_part_of_the_config,
+    deleted_people_are_gone_and_stay_gone,
 );
 
 /// A fixed instant with whole microseconds (what both backends keep).
@@ -365,6 +369,7 @@ fn event(
         context: serde_json::Map::new(),
         schema_version: None,
         source: Source::Native,
+        schema_violations: Vec::new(),
     }
 }
 
@@ -617,10 +622,140 @@ async fn concurrent_event_commits_number_without_gaps(backend: Backend) {
         for result in task.await.unwrap().unwrap().remove(0) {
             match result {
                 CommitResult::Accepted { seq } => seqs.push(seq),
-                CommitResult::Duplicate => panic!("no duplicates were sent"),
+                other => panic!("no duplicates or suppressed ids were sent: {other:?}"),
             }
         }
     }
     seqs.sort();
     assert_eq!(seqs, (1..=500).collect::<Vec<i64>>());
+}
+
+async fn settings_and_schemas_are_part_of_the_config(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    let config = store.load_project_config(p.id).await.unwrap().unwrap();
+    assert_eq!(config.settings, ProjectSettings::default());
+    assert!(config.schemas.is_empty());
+    let before = store.latest_config_seq().await.unwrap();
+
+    let settings = ProjectSettings {
+        require_analytics_consent: true,
+        ip_handling: IpHandling::Drop,
+        schema_mode: SchemaMode::Warn,
+        ..ProjectSettings::default()
+    };
+    store
+        .update_project_settings(p.id, &settings, at(1))
+        .await
+        .unwrap();
+    let schema = EventSchema {
+        event: "signup".into(),
+        version: 1,
+        required: [("plan".to_string(), PropertyType::String)].into(),
+    };
+    store.put_event_schema(p.id, &schema, at(2)).await.unwrap();
+    let v2 = EventSchema {
+        version: 2,
+        ..schema.clone()
+    };
+    store.put_event_schema(p.id, &v2, at(3)).await.unwrap();
+    let config = store.load_project_config(p.id).await.unwrap().unwrap();
+    assert_eq!(config.settings, settings);
+    assert_eq!(config.schemas["signup"], v2, "put replaces");
+    assert!(
+        store.latest_config_seq().await.unwrap() >= before + 3,
+        "each change is recorded"
+    );
+
+    store
+        .delete_event_schema(p.id, "signup", at(4))
+        .await
+        .unwrap();
+    let err = store
+        .delete_event_schema(p.id, "signup", at(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound));
+    let err = store
+        .update_project_settings(ProjectId::new_v7(), &settings, at(6))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound));
+
+    // Violations recorded in warn mode come back for review.
+    let mut broken = event(EventType::Track, "signup", Some("u"), None, 7);
+    broken.schema_violations = vec!["missing property `plan`".into()];
+    store
+        .commit_events(&[batch(&p, vec![broken.clone()])])
+        .await
+        .unwrap();
+    let violations = store.list_schema_violations(p.id, 10).await.unwrap();
+    assert_eq!(violations.len(), 1);
+    assert_eq!(
+        (violations[0].event_id, violations[0].problems.clone()),
+        (broken.event_id, broken.schema_violations)
+    );
+}
+
+async fn deleted_people_are_gone_and_stay_gone(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    let anonymous = event(EventType::Page, "Landing", None, Some("anon-d"), 1);
+    let identify = event(
+        EventType::Identify,
+        "$identify",
+        Some("user-d"),
+        Some("anon-d"),
+        2,
+    );
+    let mut group = event(EventType::Group, "$group", Some("user-d"), None, 3);
+    group.org_id = Some("acme".into());
+    let bystander = event(EventType::Track, "x", Some("other"), None, 4);
+    store
+        .commit_events(&[batch(
+            &p,
+            vec![anonymous, identify.clone(), group, bystander],
+        )])
+        .await
+        .unwrap();
+
+    let ids = store.person_ids(p.id, "user-d").await.unwrap();
+    let deleted = store.delete_person(p.id, &ids, at(10)).await.unwrap();
+    assert_eq!(deleted, 3);
+    let left = store
+        .list_events(
+            p.id,
+            &EventQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].event.user_id.as_deref(), Some("other"));
+    assert_eq!(
+        store.resolve_person(p.id, "anon-d").await.unwrap(),
+        "anon-d",
+        "links are gone"
+    );
+    assert!(store.orgs_of(p.id, "user-d").await.unwrap().is_empty());
+
+    // A late retry of the identify, and new events naming either id, are dropped.
+    let late = event(EventType::Track, "late", None, Some("anon-d"), 11);
+    let fresh_event = event(EventType::Track, "new", Some("newcomer"), None, 12);
+    let results = store
+        .commit_events(&[batch(&p, vec![identify, late, fresh_event])])
+        .await
+        .unwrap();
+    assert_eq!(
+        results[0],
+        vec![
+            CommitResult::Suppressed,
+            CommitResult::Suppressed,
+            CommitResult::Accepted { seq: 5 }
+        ]
+    );
 }
