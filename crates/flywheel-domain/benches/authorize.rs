@@ -62,7 +62,12 @@ fn fixture() -> Fixture {
                     record
                 })
                 .collect();
-            ProjectConfig { project, keys }
+            ProjectConfig {
+                project,
+                keys,
+                settings: Default::default(),
+                schemas: Default::default(),
+            }
         })
         .collect();
     let snapshot = DecisionSnapshot::from_configs(configs);

@@ -253,21 +253,15 @@ fn scrub_numbers(text: &str) -> (String, bool) {
         let mut digits = String::new();
         while end < chars.len() {
             let c = chars[end];
-            if c.is_ascii_digit() {
-                digits.push(c);
-            } else if !(c == ' '
-                || c == '-'
-                || c == '.'
-                || c == '('
-                || c == ')'
-                || (c == '+' && end == i))
-            {
-                break;
-            } else if c == ' '
+            let separator = matches!(c, ' ' | '-' | '.' | '(' | ')') || (c == '+' && end == i);
+            // A space only continues a number when a digit or `(` follows it.
+            let space_ends_number = c == ' '
                 && !chars
                     .get(end + 1)
-                    .is_some_and(|n| n.is_ascii_digit() || *n == '(')
-            {
+                    .is_some_and(|n| n.is_ascii_digit() || *n == '(');
+            if c.is_ascii_digit() {
+                digits.push(c);
+            } else if !separator || space_ends_number {
                 break;
             }
             end += 1;

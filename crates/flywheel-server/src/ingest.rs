@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flywheel_domain::events::{Event, Rejection};
+use flywheel_domain::events::{prepare, Event, Prepared, Rejection};
 use flywheel_domain::project::{KeyId, ProjectId};
+use flywheel_domain::snapshot::ProjectConfig;
 use flywheel_store::{CommitResult, EventBatch, Store, StoreError};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -25,6 +26,10 @@ pub struct IngestOutcome {
     pub duplicates: usize,
     /// Refused, with their batch index and code; the others were processed.
     pub rejected: Vec<Rejection>,
+    /// Dropped because the project requires analytics consent and the event had none.
+    pub dropped_no_consent: usize,
+    /// Dropped because they name a deleted person.
+    pub suppressed: usize,
 }
 
 /// A commit failure, copied to every request of the failed group.
@@ -203,26 +208,32 @@ impl RateLimiter {
 /// counts the outcome.
 pub async fn ingest(
     committer: &Committer,
-    project: ProjectId,
+    config: &ProjectConfig,
     decoded: Vec<Result<Event, Rejection>>,
 ) -> Result<IngestOutcome, ApiError> {
     let mut outcome = IngestOutcome::default();
     let mut events = Vec::with_capacity(decoded.len());
-    for item in decoded {
-        match item {
-            Ok(event) => events.push(event),
-            Err(rejection) => outcome.rejected.push(rejection),
+    for (index, item) in decoded.into_iter().enumerate() {
+        match item.map(|event| prepare(event, index, config)) {
+            Ok(Prepared::Store(event)) => events.push(*event),
+            Ok(Prepared::DroppedNoConsent) => outcome.dropped_no_consent += 1,
+            Ok(Prepared::Rejected(rejection)) | Err(rejection) => outcome.rejected.push(rejection),
         }
     }
-    for result in committer.commit(project, events).await? {
+    for result in committer.commit(config.project.id, events).await? {
         match result {
             CommitResult::Accepted { .. } => outcome.accepted += 1,
             CommitResult::Duplicate => outcome.duplicates += 1,
+            CommitResult::Suppressed => outcome.suppressed += 1,
         }
     }
     metrics::counter!("flywheel_events_accepted_total").increment(outcome.accepted as u64);
     metrics::counter!("flywheel_events_duplicate_total").increment(outcome.duplicates as u64);
     metrics::counter!("flywheel_events_rejected_total").increment(outcome.rejected.len() as u64);
+    metrics::counter!("flywheel_events_dropped_total", "reason" => "no_consent")
+        .increment(outcome.dropped_no_consent as u64);
+    metrics::counter!("flywheel_events_dropped_total", "reason" => "suppressed")
+        .increment(outcome.suppressed as u64);
     Ok(outcome)
 }
 

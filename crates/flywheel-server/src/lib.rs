@@ -90,6 +90,8 @@ impl RunningServer {
 
 /// Opens the store, loads the snapshot, binds and starts serving.
 pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<RunningServer> {
+    // First, so the store work done while starting is measured too.
+    let metrics = telemetry::metrics_handle();
     let store = flywheel_store::open(&settings.store_options())
         .await
         .context("cannot open the store")?;
@@ -111,7 +113,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         store,
         snapshot: snapshot.clone(),
         clock,
-        metrics: telemetry::metrics_handle(),
+        metrics,
         committer,
         rate_limiter: Arc::new(ingest::RateLimiter::new(settings.ingest.rate_limit_per_key)),
         ingest: Arc::new(settings.ingest.clone()),

@@ -29,6 +29,13 @@ use crate::routes;
         routes::events::segment_batch,
         routes::events::segment_single,
         routes::events::posthog,
+        routes::privacy::get_settings,
+        routes::privacy::put_settings,
+        routes::privacy::list_schemas,
+        routes::privacy::put_schema,
+        routes::privacy::delete_schema,
+        routes::privacy::list_violations,
+        routes::privacy::delete_user,
     ),
     components(schemas(crate::error::ErrorEnvelope, crate::error::ErrorBody)),
     modifiers(&SecuritySchemes),
@@ -37,6 +44,7 @@ use crate::routes;
         (name = "projects", description = "The calling key's project"),
         (name = "keys", description = "API key management (secret keys)"),
         (name = "events", description = "Event ingestion (native, Segment, PostHog) and inspection"),
+        (name = "privacy", description = "Consent, IP and PII settings, event schemas, deleting a person"),
     )
 )]
 pub struct ApiDoc;

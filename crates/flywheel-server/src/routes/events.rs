@@ -289,7 +289,7 @@ pub async fn native(
         events::decode_native(value, raw.get().len(), index, &env)
     });
     Ok(Json(
-        ingest::ingest(&state.committer, principal.project_id(), decoded).await?,
+        ingest::ingest(&state.committer, &principal.project, decoded).await?,
     ))
 }
 
@@ -365,7 +365,7 @@ pub async fn segment_batch(
     let decoded = decode_each(&parsed.batch, |raw, value, index| {
         events::decode_segment(value, raw.get().len(), index, None, &env)
     });
-    let outcome = ingest::ingest(&state.committer, principal.project_id(), decoded).await?;
+    let outcome = ingest::ingest(&state.committer, &principal.project, decoded).await?;
     Ok(Json(SegmentAnswer {
         success: true,
         outcome,
@@ -403,7 +403,7 @@ pub async fn segment_single(
         events::decode_segment(&value, bytes.len(), 0, Some(kind), &env).map_err(|rejection| {
             ApiError::new(StatusCode::BAD_REQUEST, rejection.code, rejection.message)
         })?;
-    let outcome = ingest::ingest(&state.committer, principal.project_id(), vec![Ok(event)]).await?;
+    let outcome = ingest::ingest(&state.committer, &principal.project, vec![Ok(event)]).await?;
     Ok(Json(SegmentAnswer {
         success: true,
         outcome,
@@ -493,7 +493,7 @@ pub async fn posthog(
     let decoded = decode_each(&raws, |raw, value, index| {
         events::decode_posthog(value, raw.get().len(), index, &env)
     });
-    let outcome = ingest::ingest(&state.committer, principal.project_id(), decoded).await?;
+    let outcome = ingest::ingest(&state.committer, &principal.project, decoded).await?;
     Ok(Json(PosthogAnswer { status: 1, outcome }))
 }
 

@@ -10,6 +10,7 @@ use crate::state::AppState;
 pub mod events;
 pub mod health;
 pub mod keys;
+pub mod privacy;
 pub mod project;
 
 /// Every route of the API.
@@ -19,6 +20,7 @@ pub fn router() -> Router<AppState> {
         .merge(project::router())
         .merge(keys::router())
         .merge(events::router())
+        .merge(privacy::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }
