@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -501,4 +502,96 @@ async fn kill_9_after_acks_loses_nothing() {
         newest_seq, acked,
         "every acknowledged event survived kill -9, numbered without gaps"
     );
+}
+
+/// The official Segment and PostHog Python libraries, pointed at Flywheel
+/// with nothing changed but the host, deliver events that read back with
+/// the right ids, timestamps and identity. (`.ci/run` installs them from
+/// `tests/clients/requirements.txt`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_libraries_deliver_events() {
+    let check = Command::new("python3")
+        .args(["-c", "import segment.analytics, posthog"])
+        .output();
+    assert!(
+        check.map(|o| o.status.success()).unwrap_or(false),
+        "the Segment and PostHog Python libraries are missing: \
+         pip install -r crates/flywheel/tests/clients/requirements.txt"
+    );
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let served = Served::start(&db);
+    let secret = served.key_from_banner("secret key:");
+    let publishable = served.key_from_banner("publishable key:");
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    for script in ["segment_client.py", "posthog_client.py"] {
+        let output = Command::new("python3")
+            .arg(scripts.join(script))
+            .args([&served.base_url, &publishable])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let client = served.client().with_key(&secret);
+    let list = |user: &'static str| {
+        let client = client.clone();
+        async move {
+            let list: Value = client
+                .send(client.request(reqwest::Method::GET, &format!("/v1/events?user_id={user}")))
+                .await
+                .unwrap();
+            list["events"].as_array().unwrap().clone()
+        }
+    };
+    let segment = list("seg-user").await;
+    let kinds: Vec<&str> = segment
+        .iter()
+        .rev()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["track", "identify", "alias", "group", "page", "screen"]
+    );
+    assert!(segment
+        .iter()
+        .all(|e| e["source"] == "segment" && e["person_id"] == "seg-user"));
+    assert!(
+        segment.iter().all(|e| e["event_id_generated"] == false),
+        "messageId is the event id"
+    );
+    assert!(segment
+        .iter()
+        .all(|e| e["sent_at"].is_string() && e["timestamp"].is_string()));
+    assert_eq!(
+        segment.iter().find(|e| e["type"] == "group").unwrap()["org_id"],
+        "seg-org"
+    );
+    assert_eq!(
+        list("seg-old").await.len(),
+        6,
+        "the aliased id resolves to the same person"
+    );
+
+    let posthog = list("ph-user").await;
+    assert_eq!(posthog.len(), 3, "{posthog:?}");
+    assert!(posthog
+        .iter()
+        .all(|e| e["source"] == "posthog" && e["person_id"] == "ph-user"));
+    let anonymous = posthog
+        .iter()
+        .find(|e| e["event"] == "ph anonymous view")
+        .unwrap();
+    assert_eq!(
+        anonymous["user_id"], "ph-anon",
+        "history is kept as sent; identity resolves at read"
+    );
+    let grouped = posthog
+        .iter()
+        .find(|e| e["event"] == "ph project created")
+        .unwrap();
+    assert_eq!(grouped["org_id"], "ph-org");
 }
