@@ -504,10 +504,10 @@ async fn kill_9_after_acks_loses_nothing() {
     );
 }
 
-/// The official Segment and PostHog Python libraries, pointed at Flywheel
+/// The official Segment and PostHog libraries (Python and Node), pointed at Flywheel
 /// with nothing changed but the host, deliver events that read back with
 /// the right ids, timestamps and identity. (`.ci/run` installs them from
-/// `tests/clients/requirements.txt`.)
+/// `tests/clients/requirements.txt` and `tests/clients/node/package.json`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_client_libraries_deliver_events() {
     let check = Command::new("python3")
@@ -535,6 +535,25 @@ async fn real_client_libraries_deliver_events() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let node_dir = scripts.join("node");
+    assert!(
+        node_dir
+            .join("node_modules/@segment/analytics-node")
+            .is_dir()
+            && node_dir.join("node_modules/posthog-node").is_dir(),
+        "the Segment and PostHog Node libraries are missing: \
+         npm install --no-package-lock --prefix crates/flywheel/tests/clients/node"
+    );
+    let output = Command::new("node")
+        .arg(node_dir.join("clients.mjs"))
+        .args([&served.base_url, &publishable])
+        .output()
+        .expect("node is installed");
+    assert!(
+        output.status.success(),
+        "clients.mjs: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let client = served.client().with_key(&secret);
     let list = |user: &'static str| {
         let client = client.clone();
