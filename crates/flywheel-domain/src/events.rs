@@ -917,4 +917,63 @@ mod tests {
             "missing_event_name"
         );
     }
+
+    #[test]
+    fn prepare_applies_consent_then_schema_then_privacy() {
+        use crate::privacy::{ProjectSettings, SchemaMode};
+        use crate::project::{Project, ProjectId};
+        use crate::schemas::{EventSchema, PropertyType};
+        use crate::snapshot::ProjectConfig;
+
+        let mut config = ProjectConfig {
+            project: Project {
+                id: ProjectId::new_v7(),
+                name: "p".into(),
+                created_at: t(0, 0, 0),
+            },
+            keys: vec![],
+            settings: ProjectSettings::default(),
+            schemas: [(
+                "signup".to_string(),
+                EventSchema {
+                    event: "signup".into(),
+                    version: 4,
+                    required: [("plan".to_string(), PropertyType::String)].into(),
+                },
+            )]
+            .into(),
+        };
+        let raw = json!({"event": "signup", "user_id": "u", "context": {"ip": "10.1.2.3"},
+                         "properties": {"note": "a@b.co"}});
+        let decoded = || decode_native(&raw, 10, 0, &envelope()).unwrap();
+
+        // Defaults: schema off, IP truncated, PII redacted.
+        let Prepared::Store(event) = prepare(decoded(), 0, &config) else {
+            panic!()
+        };
+        assert_eq!(event.context["ip"], "10.1.2.0");
+        assert_eq!(event.properties["note"], "[redacted:email]");
+        assert!(event.schema_violations.is_empty());
+
+        config.settings.schema_mode = SchemaMode::Warn;
+        let Prepared::Store(event) = prepare(decoded(), 0, &config) else {
+            panic!()
+        };
+        assert_eq!(event.schema_violations, vec!["missing property `plan`"]);
+        assert!(matches!(
+            event.effects().as_slice(),
+            [Effect::RecordSchemaViolation { .. }]
+        ));
+
+        config.settings.schema_mode = SchemaMode::Enforce;
+        let Prepared::Rejected(rejection) = prepare(decoded(), 5, &config) else {
+            panic!()
+        };
+        assert_eq!((rejection.index, rejection.code), (5, "schema_violation"));
+        assert!(rejection.message.contains("schema version 4"));
+
+        // Consent comes first: without it nothing else matters.
+        config.settings.require_analytics_consent = true;
+        assert_eq!(prepare(decoded(), 0, &config), Prepared::DroppedNoConsent);
+    }
 }
