@@ -148,10 +148,29 @@ async fn commit_group(store: &dyn Store, group: Vec<Job>, committed: &Notify) {
     let (batches, replies): (Vec<_>, Vec<_>) =
         group.into_iter().map(|job| (job.batch, job.reply)).unzip();
     let count: usize = batches.iter().map(|b| b.events.len()).sum();
-    match store.commit_events(&batches).await {
+    // One batch per project: the store's look-ups run once per project and
+    // group, not once per request. Each request keeps its span of results.
+    let mut merged: Vec<EventBatch> = Vec::new();
+    let mut spans = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let slot = match merged.iter().position(|m| m.project == batch.project) {
+            Some(slot) => slot,
+            None => {
+                merged.push(EventBatch {
+                    project: batch.project,
+                    events: Vec::new(),
+                });
+                merged.len() - 1
+            }
+        };
+        let start = merged[slot].events.len();
+        spans.push((slot, start, batch.events.len()));
+        merged[slot].events.extend(batch.events);
+    }
+    match store.commit_events(&merged).await {
         Ok(results) => {
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(Ok(result));
+            for (reply, (slot, start, len)) in replies.into_iter().zip(spans) {
+                let _ = reply.send(Ok(results[slot][start..start + len].to_vec()));
             }
             committed.notify_waiters();
         }

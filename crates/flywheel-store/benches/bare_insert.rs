@@ -12,7 +12,13 @@ use sqlx::{ConnectOptions, QueryBuilder, Sqlite};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
+    let all: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench; test runners (`cargo test --all-targets`,
+    // nextest's --list) run bench targets too: do nothing for them.
+    if !all.iter().any(|a| a == "--bench") {
+        return Ok(());
+    }
+    let args: Vec<String> = all.into_iter().filter(|a| !a.starts_with("--")).collect();
     let total: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let batch: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let dir = tempfile::tempdir()?;

@@ -415,6 +415,33 @@ pub(crate) async fn timed<T>(
 /// to the root, so real chains are short, and this bounds a corrupt one.
 pub(crate) const MAX_LINK_DEPTH: usize = 8;
 
+/// The identity links a group of events adds, decided in memory from the
+/// links already stored (`known`: alias → user, loaded for every id involved
+/// and the chains behind them). Links point at the root of the target, the
+/// first link of an alias wins, and a link that would close a cycle is
+/// skipped. `known` is updated, so later links in the group see earlier ones.
+pub(crate) fn plan_links(
+    requested: &[(String, String)],
+    known: &mut std::collections::HashMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut added = Vec::new();
+    for (alias, user_id) in requested {
+        let mut root = user_id.clone();
+        for _ in 0..MAX_LINK_DEPTH {
+            match known.get(&root) {
+                Some(next) if *next != root => root = next.clone(),
+                _ => break,
+            }
+        }
+        if root == *alias || known.contains_key(alias) {
+            continue;
+        }
+        known.insert(alias.clone(), root.clone());
+        added.push((alias.clone(), root));
+    }
+    added
+}
+
 /// Collapses a change list to distinct projects, keeping first-seen order.
 pub(crate) fn distinct_projects(changed: impl IntoIterator<Item = ProjectId>) -> Vec<ProjectId> {
     let mut seen = std::collections::HashSet::new();
@@ -445,6 +472,23 @@ mod tests {
         options.database_url = Some("mysql://root@localhost/db".into());
         let err = open(&options).await.unwrap_err();
         assert!(err.to_string().contains("`mysql`"), "{err}");
+    }
+
+    #[test]
+    fn links_point_at_roots_first_link_wins_and_cycles_are_skipped() {
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        let mut known: std::collections::HashMap<String, String> = [pair("old", "user")].into();
+        let added = plan_links(
+            &[
+                pair("anon", "old"),   // the root of old: user
+                pair("anon", "other"), // anon is taken: the first link wins
+                pair("user", "anon"),  // would close a cycle
+                pair("x", "x"),        // a self-link
+                pair("dev", "anon"),   // sees the link added above
+            ],
+            &mut known,
+        );
+        assert_eq!(added, vec![pair("anon", "user"), pair("dev", "user")]);
     }
 
     #[test]

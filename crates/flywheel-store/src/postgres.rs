@@ -8,7 +8,7 @@
 //!   nodes follow NOTIFY rather than polling `seq`; after a lost listener
 //!   connection they reload everything ([`ConfigSignal::Resync`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -24,9 +24,9 @@ use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, redact_url, timed, Backend, CommitResult, ConfigChanges, ConfigListener,
-    ConfigSignal, EventBatch, EventQuery, OpenError, SchemaViolation, Store, StoreError,
-    StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    distinct_projects, plan_links, redact_url, timed, Backend, CommitResult, ConfigChanges,
+    ConfigListener, ConfigSignal, EventBatch, EventQuery, OpenError, SchemaViolation, Store,
+    StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -279,66 +279,106 @@ async fn commit_batch(
         .bind(next)
         .execute(&mut *tx)
         .await?;
-    for (_, event) in &fresh {
-        for effect in event.effects() {
-            apply_effect(tx, project, effect, event).await?;
-        }
-    }
+    apply_effects(tx, project, &fresh).await?;
     Ok(results)
 }
 
-/// Applies what an event implies, inside the event's transaction.
-async fn apply_effect(
+/// Applies what the new events imply, inside their transaction, set-wise:
+/// a handful of statements per batch however many effects it carries.
+async fn apply_effects(
     tx: &mut PgConnection,
     project: Uuid,
-    effect: Effect,
-    event: &Event,
+    fresh: &[(i64, &Event)],
 ) -> Result<(), StoreError> {
-    match effect {
-        Effect::LinkIdentity { alias, user_id } => {
-            let root = resolve_in(&mut *tx, project, &user_id).await?;
-            if root == alias {
-                return Ok(()); // already the same person, or it would make a cycle
+    let mut links = Vec::new();
+    let mut joins = Vec::new();
+    let mut violations = Vec::new();
+    for (_, event) in fresh {
+        for effect in event.effects() {
+            match effect {
+                Effect::LinkIdentity { alias, user_id } => links.push((alias, user_id)),
+                Effect::JoinOrg {
+                    distinct_id,
+                    org_id,
+                } => joins.push((org_id, distinct_id, event.received_at)),
+                Effect::RecordSchemaViolation { problems } => violations.push((*event, problems)),
             }
-            sqlx::query(
-                "INSERT INTO identity_links (project_id, alias, user_id, linked_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (project_id, alias) DO NOTHING",
-            )
-            .bind(project)
-            .bind(&alias)
-            .bind(&root)
-            .bind(event.received_at)
-            .execute(&mut *tx)
-            .await?;
         }
-        Effect::RecordSchemaViolation { problems } => {
-            sqlx::query(
-                "INSERT INTO schema_violations (project_id, event_id, event, problems, recorded_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(project)
-            .bind(event.event_id)
-            .bind(&event.event)
-            .bind(serde_json::to_value(&problems).map_err(StoreError::internal)?)
-            .bind(event.received_at)
-            .execute(&mut *tx)
-            .await?;
+    }
+    if !links.is_empty() {
+        let mut known = HashMap::new();
+        let mut pending: Vec<String> = links
+            .iter()
+            .flat_map(|(alias, user)| [alias.clone(), user.clone()])
+            .collect();
+        let mut asked: HashSet<String> = HashSet::new();
+        for _ in 0..MAX_LINK_DEPTH {
+            pending.retain(|id| asked.insert(id.clone()));
+            if pending.is_empty() {
+                break;
+            }
+            let mut found: Vec<(String, String)> = Vec::new();
+            for chunk in pending.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::<Postgres>::new(
+                    "SELECT alias, user_id FROM identity_links WHERE project_id = ",
+                );
+                query.push_bind(project).push(" AND alias IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.clone());
+                }
+                query.push(")");
+                found.extend(
+                    query
+                        .build_query_as::<(String, String)>()
+                        .fetch_all(&mut *tx)
+                        .await?,
+                );
+            }
+            pending = found.iter().map(|(_, user)| user.clone()).collect();
+            known.extend(found);
         }
-        Effect::JoinOrg {
-            distinct_id,
-            org_id,
-        } => {
-            sqlx::query(
-                "INSERT INTO org_members (project_id, org_id, distinct_id, joined_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(project)
-            .bind(&org_id)
-            .bind(&distinct_id)
-            .bind(event.received_at)
-            .execute(&mut *tx)
-            .await?;
+        let added = plan_links(&links, &mut known);
+        let at = fresh[0].1.received_at;
+        for chunk in added.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Postgres>::new(
+                "INSERT INTO identity_links (project_id, alias, user_id, linked_at) ",
+            );
+            query.push_values(chunk, |mut row, (alias, user)| {
+                row.push_bind(project)
+                    .push_bind(alias)
+                    .push_bind(user)
+                    .push_bind(at);
+            });
+            query.push(" ON CONFLICT (project_id, alias) DO NOTHING");
+            query.build().execute(&mut *tx).await?;
         }
+    }
+    for chunk in joins.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(
+            "INSERT INTO org_members (project_id, org_id, distinct_id, joined_at) ",
+        );
+        query.push_values(chunk, |mut row, (org, distinct, at)| {
+            row.push_bind(project)
+                .push_bind(org)
+                .push_bind(distinct)
+                .push_bind(*at);
+        });
+        query.push(" ON CONFLICT DO NOTHING");
+        query.build().execute(&mut *tx).await?;
+    }
+    for (event, problems) in violations {
+        sqlx::query(
+            "INSERT INTO schema_violations (project_id, event_id, event, problems, recorded_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(project)
+        .bind(event.event_id)
+        .bind(&event.event)
+        .bind(serde_json::to_value(&problems).map_err(StoreError::internal)?)
+        .bind(event.received_at)
+        .execute(&mut *tx)
+        .await?;
     }
     Ok(())
 }

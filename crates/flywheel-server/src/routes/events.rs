@@ -151,11 +151,11 @@ fn json_payload(headers: &HeaderMap, bytes: Bytes) -> Result<Bytes, ApiError> {
         })
 }
 
-async fn read_json_body<T: for<'de> Deserialize<'de>>(
+async fn read_payload(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Bytes, T), ApiError> {
+) -> Result<Bytes, ApiError> {
     let max = state.ingest.max_batch_bytes;
     // Compressed bodies are bounded by the same limit before decompression.
     let raw = axum::body::to_bytes(body, max + 1).await.map_err(|_| {
@@ -165,15 +165,24 @@ async fn read_json_body<T: for<'de> Deserialize<'de>>(
             format!("the request is larger than {max} bytes; send smaller batches"),
         )
     })?;
-    let bytes = json_payload(headers, read_body_limited(headers, raw, max)?)?;
-    let parsed = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
+    json_payload(headers, read_body_limited(headers, raw, max)?)
+}
+
+/// Parses the body once: a syntax error is `invalid_json`, a document of the
+/// wrong shape `invalid_body` (naming what was expected).
+fn parse_body<'a, T: Deserialize<'a>>(bytes: &'a [u8], expected: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("expected {expected}: {e}"),
+        ),
+        _ => ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    Ok((bytes, parsed))
+        ),
+    })
 }
 
 /// Authenticates an ingestion key (publishable or secret) and applies the
@@ -276,14 +285,8 @@ pub async fn native(
     body: Body,
 ) -> Result<Json<IngestOutcome>, ApiError> {
     let principal = authorize(&state, bearer(&headers).as_deref())?;
-    let (bytes, _): (Bytes, Value) = read_json_body(&state, &headers, body).await?;
-    let parsed: NativeBody<'_> = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
-            format!("expected {{\"batch\": [events…]}}: {e}"),
-        )
-    })?;
+    let bytes = read_payload(&state, &headers, body).await?;
+    let parsed: NativeBody<'_> = parse_body(&bytes, "{\"batch\": [events…]}")?;
     let env = envelope(&state, time_of(parsed.sent_at.as_ref())?, None);
     let decoded = decode_each(&parsed.batch, |raw, value, index| {
         events::decode_native(value, raw.get().len(), index, &env)
@@ -345,14 +348,8 @@ pub async fn segment_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<SegmentAnswer>, ApiError> {
-    let (bytes, _): (Bytes, Value) = read_json_body(&state, &headers, body).await?;
-    let parsed: SegmentBatchBody<'_> = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
-            format!("expected {{\"batch\": [messages…]}}: {e}"),
-        )
-    })?;
+    let bytes = read_payload(&state, &headers, body).await?;
+    let parsed: SegmentBatchBody<'_> = parse_body(&bytes, "{\"batch\": [messages…]}")?;
     let key = basic_user(&headers)
         .or(parsed.write_key.clone())
         .or_else(|| bearer(&headers));
@@ -388,7 +385,8 @@ pub async fn segment_single(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<SegmentAnswer>, ApiError> {
-    let (bytes, value): (Bytes, Value) = read_json_body(&state, &headers, body).await?;
+    let bytes = read_payload(&state, &headers, body).await?;
+    let value: Value = parse_body(&bytes, "a JSON document")?;
     let key = basic_user(&headers)
         .or_else(|| {
             value
@@ -433,7 +431,8 @@ pub async fn posthog(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<PosthogAnswer>, ApiError> {
-    let (bytes, value): (Bytes, Value) = read_json_body(&state, &headers, body).await?;
+    let bytes = read_payload(&state, &headers, body).await?;
+    let value: Value = parse_body(&bytes, "a JSON document")?;
     let key_of = |v: &Value| {
         ["api_key", "token"]
             .iter()
