@@ -13,20 +13,7 @@ use flywheel_store::Backend;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-macro_rules! api_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
-        }
-    };
-}
-
-api_tests!(
+flywheel_store::for_each_backend!(
     health_readiness_and_contract,
     metrics_count_requests_by_route,
     every_bad_credential_gets_its_status,

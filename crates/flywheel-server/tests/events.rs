@@ -15,20 +15,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-macro_rules! event_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
-        }
-    };
-}
-
-event_tests!(
+flywheel_store::for_each_backend!(
     native_batches_accept_reject_and_dedupe,
     segment_protocol_works_with_basic_auth_and_write_key,
     posthog_protocol_works_on_every_path,

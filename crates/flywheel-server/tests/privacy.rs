@@ -11,20 +11,7 @@ use flywheel_store::Backend;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-macro_rules! privacy_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
-        }
-    };
-}
-
-privacy_tests!(
+flywheel_store::for_each_backend!(
     settings_round_trip_and_are_secret_only,
     events_without_required_consent_are_dropped_and_counted,
     ips_are_truncated_by_default_or_dropped,

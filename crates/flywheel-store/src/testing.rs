@@ -141,6 +141,23 @@ fn with_database(url: &str, database: &str) -> String {
     }
 }
 
+/// Instantiates each listed `async fn name(backend: Backend)` as two tests,
+/// `sqlite::name` and `postgres::name`: write a test once, run it on every
+/// backend.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+              async fn $name() { super::$name($crate::Backend::Sqlite).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+              async fn $name() { super::$name($crate::Backend::Postgres).await; })*
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -17,19 +17,7 @@ use flywheel_store::{
 };
 use uuid::Uuid;
 
-/// Runs each listed test function against both backends.
-macro_rules! store_suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
-        }
-    };
-}
-
-store_suite!(
+flywheel_store::for_each_backend!(
     ready_after_open_and_reopen_is_idempotent,
     projects_are_created_found_and_listed,
     duplicate_project_names_conflict,

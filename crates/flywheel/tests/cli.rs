@@ -180,20 +180,7 @@ where
     }
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Sqlite).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-              async fn $name() { super::$name(flywheel_store::Backend::Postgres).await; })*
-        }
-    };
-}
-
-both_backends!(
+flywheel_store::for_each_backend!(
     project_commands_are_scriptable,
     cli_keys_reach_a_running_server_without_restart,
     first_start_prints_keys_once,
