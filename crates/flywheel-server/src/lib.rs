@@ -33,6 +33,7 @@ pub mod openapi;
 pub mod projects;
 pub mod routes;
 pub mod settings;
+pub mod shutdown;
 pub mod snapshot;
 pub mod state;
 pub mod telemetry;
@@ -129,15 +130,32 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         Duration::from_millis(settings.snapshot.poll_interval_ms.max(10)),
         background.clone(),
     ));
-    let app = app(state.clone(), &settings);
+    let draining = CancellationToken::new();
+    let app = app(state.clone(), &settings).layer(middleware::from_fn({
+        let draining = draining.clone();
+        move |request: Request, next: Next| {
+            shutdown::close_connections_when_draining(draining.clone(), request, next)
+        }
+    }));
+    let listener = shutdown::DrainingListener::new(listener, draining.clone())?;
     let grace = Duration::from_secs(settings.http.shutdown_grace_secs);
+    let drain = Duration::from_millis(settings.http.shutdown_drain_ms);
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        // Drain first (refuse new connections, close kept-alive ones after
+        // their next response), then close what is idle and finish the rest.
+        let drained = {
+            let token = token.clone();
+            async move {
+                token.cancelled().await;
+                draining.cancel();
+                tokio::time::sleep(drain).await;
+            }
+        };
+        let serve = axum::serve(listener, app).with_graceful_shutdown(drained);
         let outcome = tokio::select! {
             served = serve => served.context("the HTTP server failed"),
-            _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+            _ = async { token.cancelled().await; tokio::time::sleep(drain + grace).await } => {
                 tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish within the grace period");
                 Ok(())
             }

@@ -78,6 +78,7 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     pub request_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
+    pub shutdown_drain_ms: u64,
 }
 
 impl Default for HttpSettings {
@@ -86,6 +87,7 @@ impl Default for HttpSettings {
             body_limit_bytes: 1024 * 1024,
             request_timeout_secs: 30,
             shutdown_grace_secs: 30,
+            shutdown_drain_ms: 500,
         }
     }
 }

@@ -27,6 +27,7 @@ flywheel_store::for_each_backend!(
     a_second_node_sees_changes,
     changes_reach_a_running_node_within_a_second,
     shutdown_finishes_and_stops,
+    draining_closes_kept_alive_connections_and_refuses_new_ones,
 );
 
 struct TestApp {
@@ -462,4 +463,58 @@ async fn shutdown_finishes_and_stops(backend: Backend) {
     app.server.shutdown().await.unwrap();
     let after = reqwest::get(format!("{base}/healthz")).await;
     assert!(after.is_err(), "no longer accepting connections");
+}
+
+/// During the drain window a kept-alive connection still gets its answer,
+/// marked `Connection: close`, and new connections are refused outright.
+async fn draining_closes_kept_alive_connections_and_refuses_new_ones(backend: Backend) {
+    let db = Arc::new(TestDatabase::create(backend).await);
+    let mut settings = settings_for(&db);
+    settings.http.shutdown_drain_ms = 3_000;
+    let server = flywheel_server::start(settings, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let address = server.local_addr();
+    let http = reqwest::Client::new();
+    let url = format!("{}/healthz", server.base_url());
+    let first = http.get(&url).send().await.unwrap();
+    assert!(
+        first.headers().get("connection").is_none(),
+        "keep-alive before shutdown"
+    );
+
+    server.shutdown_token().cancel();
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let response = http
+                .get(&url)
+                .send()
+                .await
+                .expect("answered while draining");
+            assert_eq!(response.status(), StatusCode::OK);
+            if response
+                .headers()
+                .get("connection")
+                .is_some_and(|v| v == "close")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "responses say Connection: close while draining"
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(2), async {
+        while tokio::net::TcpStream::connect(address).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "new connections are refused while draining"
+    );
+    server.wait().await.unwrap();
 }
