@@ -63,8 +63,14 @@ enum Command {
     #[command(subcommand)]
     Key(KeyCommand),
     /// Print a commented example configuration with every default
+    #[command(
+        after_help = "Example:\n  flywheel print-config > flywheel.toml   # then edit; unknown keys are errors"
+    )]
     PrintConfig,
     /// Print the OpenAPI 3.1 document of the HTTP API
+    #[command(
+        after_help = "Example:\n  flywheel openapi > openapi.json   # what CI compares with the committed copy"
+    )]
     Openapi,
 }
 

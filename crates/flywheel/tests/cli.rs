@@ -381,6 +381,10 @@ fn help_shows_examples_everywhere() {
         vec!["project", "create", "--help"],
         vec!["key", "create", "--help"],
         vec!["key", "revoke", "--help"],
+        vec!["key", "list", "--help"],
+        vec!["project", "list", "--help"],
+        vec!["print-config", "--help"],
+        vec!["openapi", "--help"],
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_flywheel"))
             .args(&args)
