@@ -37,7 +37,11 @@ use crate::routes;
         routes::privacy::list_violations,
         routes::privacy::delete_user,
     ),
-    components(schemas(crate::error::ErrorEnvelope, crate::error::ErrorBody)),
+    components(schemas(
+        crate::error::ErrorEnvelope,
+        crate::error::ErrorBody,
+        crate::routes::events::SegmentCall,
+    )),
     modifiers(&SecuritySchemes),
     tags(
         (name = "operations", description = "Health, readiness, metrics, contract"),

@@ -40,3 +40,33 @@ fn every_operation_documents_its_errors_with_the_envelope() {
         }
     }
 }
+
+#[test]
+fn every_reference_resolves() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&flywheel_server::openapi::document_json()).unwrap();
+    fn walk(value: &serde_json::Value, refs: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(target)) = map.get("$ref") {
+                    refs.push(target.clone());
+                }
+                map.values().for_each(|v| walk(v, refs));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, refs)),
+            _ => {}
+        }
+    }
+    let mut refs = Vec::new();
+    walk(&doc, &mut refs);
+    assert!(!refs.is_empty());
+    for target in refs {
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("unexpected $ref {target}"));
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "dangling $ref {target}"
+        );
+    }
+}

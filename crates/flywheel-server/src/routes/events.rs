@@ -321,6 +321,23 @@ pub struct SegmentAnswer {
     outcome: IngestOutcome,
 }
 
+/// The Segment batch body, as documented (decoding is by `SegmentBatchBody`).
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct SegmentBatch {
+    /// Segment messages: `{type, messageId?, userId?, anonymousId?, event?, name?, groupId?, previousId?, properties?, traits?, context?, timestamp?}`.
+    #[schema(value_type = Vec<Object>)]
+    batch: Vec<Value>,
+    /// Merged under each message's own context.
+    #[schema(value_type = Option<Object>)]
+    context: Option<Value>,
+    /// The key, when not sent as the Basic-auth user name.
+    #[schema(rename = "writeKey")]
+    write_key: Option<String>,
+    #[schema(rename = "sentAt")]
+    sent_at: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 struct SegmentBatchBody<'a> {
     #[serde(borrow)]
@@ -336,7 +353,7 @@ struct SegmentBatchBody<'a> {
 /// Segment HTTP API batch (`analytics-python`, `@segment/analytics-node`, …).
 /// The key is the Basic-auth user name (empty password) or `writeKey`.
 #[utoipa::path(post, path = "/v1/batch", tag = "events",
-    request_body(content = Object, description = "Segment batch: {batch: [messages], context?, writeKey?, sentAt?}"),
+    request_body = SegmentBatch,
     responses(
         (status = 200, description = "Stored", body = SegmentAnswer),
         (status = 400, description = "Undecodable or too large", body = ErrorEnvelope),
@@ -372,7 +389,7 @@ pub async fn segment_batch(
 /// Segment single calls: `/v1/track`, `/v1/identify`, `/v1/alias`,
 /// `/v1/group`, `/v1/page`, `/v1/screen`. A rejected message is a 400.
 #[utoipa::path(post, path = "/v1/{call}", tag = "events",
-    params(("call" = String, Path, description = "track, identify, alias, group, page or screen")),
+    params(("call" = SegmentCall, Path, description = "Which Segment call")),
     request_body(content = Object, description = "One Segment message"),
     responses(
         (status = 200, description = "Stored", body = SegmentAnswer),
@@ -406,6 +423,19 @@ pub async fn segment_single(
         success: true,
         outcome,
     }))
+}
+
+/// The Segment single-call endpoints.
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum SegmentCall {
+    Track,
+    Identify,
+    Alias,
+    Group,
+    Page,
+    Screen,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -506,6 +536,7 @@ pub struct ListEventsParams {
     /// Only events at or after this time (RFC 3339).
     since: Option<DateTime<Utc>>,
     /// At most this many, newest first (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -581,7 +612,7 @@ pub async fn list_events(
         event: params.event,
         since: params.since,
         after_seq: None,
-        limit: params.limit.unwrap_or(100).clamp(1, 1000),
+        limit: super::page_limit(params.limit)?,
     };
     let stored = state.store.list_events(project, &query).await?;
     Ok(Json(EventList {

@@ -25,6 +25,19 @@ pub fn router() -> Router<AppState> {
         .method_not_allowed_fallback(method_not_allowed)
 }
 
+/// The `limit` query parameter: default 100, 1 to 1000, anything else a 400.
+pub(crate) fn page_limit(requested: Option<u32>) -> Result<u32, ApiError> {
+    match requested {
+        None => Ok(100),
+        Some(limit @ 1..=1000) => Ok(limit),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("limit must be between 1 and 1000, not {other}"),
+        )),
+    }
+}
+
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,

@@ -164,6 +164,7 @@ pub async fn delete_schema(
 #[into_params(parameter_in = Query)]
 pub struct LimitParams {
     /// At most this many (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -186,6 +187,7 @@ pub struct ViolationList {
     params(LimitParams),
     responses(
         (status = 200, description = "Recorded violations", body = ViolationList),
+        (status = 400, description = "Invalid parameter", body = ErrorEnvelope),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
@@ -196,7 +198,7 @@ pub async fn list_violations(
 ) -> Result<Json<ViolationList>, ApiError> {
     let Query(params) = params
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = super::page_limit(params.limit)?;
     let found = state
         .store
         .list_schema_violations(auth.principal.project_id(), limit)
