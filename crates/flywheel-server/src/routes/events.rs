@@ -394,6 +394,7 @@ pub async fn segment_batch(
     responses(
         (status = 200, description = "Stored", body = SegmentAnswer),
         (status = 400, description = "The message was rejected", body = ErrorEnvelope),
+        (status = 404, description = "Not a Segment call", body = ErrorEnvelope),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
     ))]
 pub async fn segment_single(

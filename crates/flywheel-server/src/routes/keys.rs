@@ -93,6 +93,7 @@ pub async fn list_keys(
     responses(
         (status = 201, description = "The new key, with its plaintext shown once", body = CreatedKey),
         (status = 400, description = "Invalid body", body = ErrorEnvelope),
+        (status = 415, description = "The body is not declared as JSON", body = ErrorEnvelope),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]

@@ -45,6 +45,7 @@ pub async fn get_settings(auth: SecretKey) -> Json<ProjectSettings> {
     responses(
         (status = 200, description = "The settings now in force", body = ProjectSettings),
         (status = 400, description = "Unknown field or bad value", body = ErrorEnvelope),
+        (status = 415, description = "The body is not declared as JSON", body = ErrorEnvelope),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
@@ -100,6 +101,7 @@ pub struct SchemaBody {
     responses(
         (status = 200, description = "The schema", body = EventSchema),
         (status = 400, description = "Bad schema", body = ErrorEnvelope),
+        (status = 415, description = "The body is not declared as JSON", body = ErrorEnvelope),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
