@@ -297,14 +297,15 @@ fn id_field(
     }
 }
 
-fn object_field(
-    object: &Map<String, Value>,
+/// Moves an object field out of the event (no copy of its contents).
+fn take_object(
+    object: &mut Map<String, Value>,
     key: &str,
     index: usize,
 ) -> Result<Map<String, Value>, Rejection> {
-    match object.get(key) {
+    match object.remove(key) {
         None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(map)) => Ok(map.clone()),
+        Some(Value::Object(map)) => Ok(map),
         Some(_) => Err(reject(
             index,
             "invalid_field",
@@ -443,9 +444,15 @@ fn finish(
     })
 }
 
-fn as_object(raw: &Value, index: usize) -> Result<&Map<String, Value>, Rejection> {
-    raw.as_object()
-        .ok_or_else(|| reject(index, "invalid_event", "an event must be a JSON object"))
+fn into_object(raw: Value, index: usize) -> Result<Map<String, Value>, Rejection> {
+    match raw {
+        Value::Object(map) => Ok(map),
+        _ => Err(reject(
+            index,
+            "invalid_event",
+            "an event must be a JSON object",
+        )),
+    }
 }
 
 fn check_size(raw_len: usize, index: usize, envelope: &Envelope<'_>) -> Result<(), Rejection> {
@@ -464,13 +471,13 @@ fn check_size(raw_len: usize, index: usize, envelope: &Envelope<'_>) -> Result<(
 
 /// Decodes one event of the native API (`POST /v1/events`).
 pub fn decode_native(
-    raw: &Value,
+    raw: Value,
     raw_len: usize,
     index: usize,
     envelope: &Envelope<'_>,
 ) -> Result<Event, Rejection> {
     check_size(raw_len, index, envelope)?;
-    let object = as_object(raw, index)?;
+    let mut object = into_object(raw, index)?;
     let kind = match object.get("type") {
         None | Some(Value::Null) => EventType::Track,
         Some(Value::String(text)) => EventType::parse(text).ok_or_else(|| {
@@ -482,24 +489,24 @@ pub fn decode_native(
         })?,
         Some(_) => return Err(reject(index, "invalid_type", "type must be a string")),
     };
-    let mut properties = object_field(object, "properties", index)?;
+    let mut properties = take_object(&mut object, "properties", index)?;
     if let Some(consent) = object.get("consent").filter(|v| !v.is_null()) {
         properties.insert("$consent".into(), consent.clone());
     }
     let parts = Parts {
-        event_id: message_id(object, "event_id", index, true)?,
+        event_id: message_id(&object, "event_id", index, true)?,
         kind,
-        event: id_field(object, "event", index)?,
-        user_id: id_field(object, "user_id", index)?,
-        anonymous_id: id_field(object, "anonymous_id", index)?,
-        org_id: id_field(object, "org_id", index)?,
-        previous_id: id_field(object, "previous_id", index)?,
-        original_timestamp: time_field(object, "timestamp", index)?,
-        sent_at: time_field(object, "sent_at", index)?,
+        event: id_field(&object, "event", index)?,
+        user_id: id_field(&object, "user_id", index)?,
+        anonymous_id: id_field(&object, "anonymous_id", index)?,
+        org_id: id_field(&object, "org_id", index)?,
+        previous_id: id_field(&object, "previous_id", index)?,
+        original_timestamp: time_field(&object, "timestamp", index)?,
+        sent_at: time_field(&object, "sent_at", index)?,
         properties,
-        traits: object_field(object, "traits", index)?,
-        context: object_field(object, "context", index)?,
-        schema_version: id_field(object, "schema_version", index)?,
+        traits: take_object(&mut object, "traits", index)?,
+        context: take_object(&mut object, "context", index)?,
+        schema_version: id_field(&object, "schema_version", index)?,
     };
     finish(parts, index, envelope, Source::Native)
 }
@@ -508,14 +515,14 @@ pub fn decode_native(
 /// `call` is the type implied by the endpoint (`/v1/track` → track); batch
 /// items carry their own `type`.
 pub fn decode_segment(
-    raw: &Value,
+    raw: Value,
     raw_len: usize,
     index: usize,
     call: Option<EventType>,
     envelope: &Envelope<'_>,
 ) -> Result<Event, Rejection> {
     check_size(raw_len, index, envelope)?;
-    let object = as_object(raw, index)?;
+    let mut object = into_object(raw, index)?;
     let kind = match (call, object.get("type").and_then(Value::as_str)) {
         (Some(kind), _) => kind,
         (None, Some(text)) => EventType::parse(text).ok_or_else(|| {
@@ -528,32 +535,32 @@ pub fn decode_segment(
         (None, None) => return Err(reject(index, "invalid_type", "a batch item needs a type")),
     };
     let name = match kind {
-        EventType::Track => id_field(object, "event", index)?,
-        EventType::Page | EventType::Screen => id_field(object, "name", index)?,
+        EventType::Track => id_field(&object, "event", index)?,
+        EventType::Page | EventType::Screen => id_field(&object, "name", index)?,
         _ => None,
     };
     let org_id = match kind {
-        EventType::Group => id_field(object, "groupId", index)?,
+        EventType::Group => id_field(&object, "groupId", index)?,
         _ => None,
     };
-    let properties = object_field(object, "properties", index)?;
+    let properties = take_object(&mut object, "properties", index)?;
     let parts = Parts {
-        event_id: message_id(object, "messageId", index, false)?,
+        event_id: message_id(&object, "messageId", index, false)?,
         kind,
         event: name,
-        user_id: id_field(object, "userId", index)?,
-        anonymous_id: id_field(object, "anonymousId", index)?,
+        user_id: id_field(&object, "userId", index)?,
+        anonymous_id: id_field(&object, "anonymousId", index)?,
         org_id,
-        previous_id: id_field(object, "previousId", index)?,
-        original_timestamp: time_field(object, "timestamp", index)?.or(time_field(
-            object,
+        previous_id: id_field(&object, "previousId", index)?,
+        original_timestamp: time_field(&object, "timestamp", index)?.or(time_field(
+            &object,
             "originalTimestamp",
             index,
         )?),
-        sent_at: time_field(object, "sentAt", index)?,
+        sent_at: time_field(&object, "sentAt", index)?,
         properties,
-        traits: object_field(object, "traits", index)?,
-        context: object_field(object, "context", index)?,
+        traits: take_object(&mut object, "traits", index)?,
+        context: take_object(&mut object, "context", index)?,
         schema_version: None,
     };
     finish(parts, index, envelope, Source::Segment)
@@ -563,15 +570,15 @@ pub fn decode_segment(
 /// becomes `user_id`. `$identify` with `$anon_distinct_id` and
 /// `$create_alias` link the other id to it; `$groups` names the org.
 pub fn decode_posthog(
-    raw: &Value,
+    raw: Value,
     raw_len: usize,
     index: usize,
     envelope: &Envelope<'_>,
 ) -> Result<Event, Rejection> {
     check_size(raw_len, index, envelope)?;
-    let object = as_object(raw, index)?;
-    let mut properties = object_field(object, "properties", index)?;
-    let distinct_id = id_field(object, "distinct_id", index)?
+    let mut object = into_object(raw, index)?;
+    let mut properties = take_object(&mut object, "properties", index)?;
+    let distinct_id = id_field(&object, "distinct_id", index)?
         .or(id_field(&properties, "distinct_id", index)?)
         .ok_or_else(|| {
             reject(
@@ -580,7 +587,7 @@ pub fn decode_posthog(
                 "a PostHog event needs a distinct_id",
             )
         })?;
-    let name = id_field(object, "event", index)?.ok_or_else(|| {
+    let name = id_field(&object, "event", index)?.ok_or_else(|| {
         reject(
             index,
             "missing_event_name",
@@ -639,15 +646,15 @@ pub fn decode_posthog(
         context.insert("ip".into(), ip);
     }
     let parts = Parts {
-        event_id: message_id(object, "uuid", index, false)?,
+        event_id: message_id(&object, "uuid", index, false)?,
         kind,
         event: Some(name),
         user_id: Some(distinct_id),
         anonymous_id,
         org_id,
         previous_id,
-        original_timestamp: time_field(object, "timestamp", index)?,
-        sent_at: time_field(object, "sent_at", index)?,
+        original_timestamp: time_field(&object, "timestamp", index)?,
+        sent_at: time_field(&object, "sent_at", index)?,
         properties,
         traits,
         context,
@@ -736,7 +743,7 @@ mod tests {
     #[test]
     fn native_events_decode_and_mint_ids() {
         let raw = json!({"type": "track", "event": "project_created", "user_id": "u1", "properties": {"n": 3}});
-        let event = decode_native(&raw, 80, 0, &envelope()).unwrap();
+        let event = decode_native(raw.clone(), 80, 0, &envelope()).unwrap();
         assert_eq!(event.kind, EventType::Track);
         assert_eq!(event.event, "project_created");
         assert!(event.event_id_generated);
@@ -746,7 +753,7 @@ mod tests {
 
         let id = Uuid::new_v4();
         let raw = json!({"event_id": id, "type": "identify", "user_id": 42, "anonymous_id": "a1", "traits": {"plan": "free"}});
-        let event = decode_native(&raw, 80, 0, &envelope()).unwrap();
+        let event = decode_native(raw.clone(), 80, 0, &envelope()).unwrap();
         assert_eq!((event.event_id, event.event_id_generated), (id, false));
         assert_eq!(event.user_id.as_deref(), Some("42"));
         assert_eq!(event.event, "$identify");
@@ -788,12 +795,14 @@ mod tests {
         ];
         for (raw, code) in cases {
             assert_eq!(
-                decode_native(&raw, 10, 3, &envelope()).unwrap_err().code,
+                decode_native(raw.clone(), 10, 3, &envelope())
+                    .unwrap_err()
+                    .code,
                 code,
                 "{raw}"
             );
         }
-        let big = decode_native(&json!({}), 40_000, 7, &envelope()).unwrap_err();
+        let big = decode_native(json!({}), 40_000, 7, &envelope()).unwrap_err();
         assert_eq!((big.index, big.code), (7, "event_too_large"));
     }
 
@@ -807,7 +816,7 @@ mod tests {
         };
         let raw = json!({"type": "track", "event": "Signed Up", "userId": "u1", "anonymousId": "a1",
             "messageId": "ajs-next-123", "timestamp": "2026-03-31T11:59:59Z", "context": {"ip": "5.6.7.8"}});
-        let event = decode_segment(&raw, 100, 0, None, &env).unwrap();
+        let event = decode_segment(raw.clone(), 100, 0, None, &env).unwrap();
         assert_eq!(event.event, "Signed Up");
         assert_eq!(
             event.event_id,
@@ -825,7 +834,7 @@ mod tests {
         assert_eq!(event.timestamp, t(11, 59, 59));
 
         let alias = decode_segment(
-            &json!({"previousId": "a1", "userId": "u1"}),
+            json!({"previousId": "a1", "userId": "u1"}),
             10,
             0,
             Some(EventType::Alias),
@@ -840,7 +849,7 @@ mod tests {
             }]
         );
         let group = decode_segment(
-            &json!({"groupId": "acme", "userId": "u1"}),
+            json!({"groupId": "acme", "userId": "u1"}),
             10,
             0,
             Some(EventType::Group),
@@ -856,7 +865,7 @@ mod tests {
             }]
         );
         let page = decode_segment(
-            &json!({"name": "Pricing", "anonymousId": "a1"}),
+            json!({"name": "Pricing", "anonymousId": "a1"}),
             10,
             0,
             Some(EventType::Page),
@@ -865,7 +874,7 @@ mod tests {
         .unwrap();
         assert_eq!(page.event, "Pricing");
         assert_eq!(
-            decode_segment(&json!({"userId": "u"}), 10, 0, None, &env)
+            decode_segment(json!({"userId": "u"}), 10, 0, None, &env)
                 .unwrap_err()
                 .code,
             "invalid_type"
@@ -877,7 +886,7 @@ mod tests {
         let env = envelope();
         let identify = json!({"event": "$identify", "distinct_id": "user-1", "uuid": Uuid::new_v4(),
             "properties": {"$anon_distinct_id": "anon-1", "$set": {"email": "a@b.c"}}});
-        let event = decode_posthog(&identify, 10, 0, &env).unwrap();
+        let event = decode_posthog(identify.clone(), 10, 0, &env).unwrap();
         assert_eq!(event.kind, EventType::Identify);
         assert_eq!(event.traits["email"], "a@b.c");
         assert_eq!(
@@ -890,7 +899,9 @@ mod tests {
 
         let alias = json!({"event": "$create_alias", "distinct_id": "user-1", "properties": {"alias": "other"}});
         assert_eq!(
-            decode_posthog(&alias, 10, 0, &env).unwrap().effects(),
+            decode_posthog(alias.clone(), 10, 0, &env)
+                .unwrap()
+                .effects(),
             vec![Effect::LinkIdentity {
                 alias: "other".into(),
                 user_id: "user-1".into()
@@ -898,20 +909,20 @@ mod tests {
         );
 
         let grouped = json!({"event": "clicked", "properties": {"distinct_id": "u2", "$groups": {"company": "acme"}}});
-        let event = decode_posthog(&grouped, 10, 0, &env).unwrap();
+        let event = decode_posthog(grouped.clone(), 10, 0, &env).unwrap();
         assert_eq!(
             (event.user_id.as_deref(), event.org_id.as_deref()),
             (Some("u2"), Some("acme"))
         );
 
         assert_eq!(
-            decode_posthog(&json!({"event": "x"}), 10, 0, &env)
+            decode_posthog(json!({"event": "x"}), 10, 0, &env)
                 .unwrap_err()
                 .code,
             "missing_identity"
         );
         assert_eq!(
-            decode_posthog(&json!({"distinct_id": "u"}), 10, 0, &env)
+            decode_posthog(json!({"distinct_id": "u"}), 10, 0, &env)
                 .unwrap_err()
                 .code,
             "missing_event_name"
@@ -945,7 +956,7 @@ mod tests {
         };
         let raw = json!({"event": "signup", "user_id": "u", "context": {"ip": "10.1.2.3"},
                          "properties": {"note": "a@b.co"}});
-        let decoded = || decode_native(&raw, 10, 0, &envelope()).unwrap();
+        let decoded = || decode_native(raw.clone(), 10, 0, &envelope()).unwrap();
 
         // Defaults: schema off, IP truncated, PII redacted.
         let Prepared::Store(event) = prepare(decoded(), 0, &config) else {

@@ -343,7 +343,7 @@ mod tests {
             context: None,
             max_event_bytes: 1 << 20,
         };
-        decode_native(&raw, 10, 0, &env).unwrap()
+        decode_native(raw.clone(), 10, 0, &env).unwrap()
     }
 
     #[test]

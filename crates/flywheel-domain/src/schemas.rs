@@ -94,7 +94,7 @@ mod tests {
             max_event_bytes: 1 << 20,
         };
         let good = decode_native(
-            &json!({"event": "project_created", "user_id": "u", "properties": {"project_id": "p1", "count": 3, "tags": [], "meta": false}}),
+            json!({"event": "project_created", "user_id": "u", "properties": {"project_id": "p1", "count": 3, "tags": [], "meta": false}}),
             10,
             0,
             &env,
@@ -102,7 +102,7 @@ mod tests {
         .unwrap();
         assert!(schema.violations(&good).is_empty());
         let bad = decode_native(
-            &json!({"event": "project_created", "user_id": "u", "properties": {"project_id": 7, "tags": [], "meta": null}}),
+            json!({"event": "project_created", "user_id": "u", "properties": {"project_id": 7, "tags": [], "meta": null}}),
             10,
             0,
             &env,

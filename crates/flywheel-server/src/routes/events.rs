@@ -298,7 +298,7 @@ pub async fn native(
 
 fn decode_each(
     raws: &[&RawValue],
-    decode: impl Fn(&RawValue, &Value, usize) -> Result<Event, Rejection>,
+    decode: impl Fn(&RawValue, Value, usize) -> Result<Event, Rejection>,
 ) -> Vec<Result<Event, Rejection>> {
     raws.iter()
         .enumerate()
@@ -308,7 +308,7 @@ fn decode_each(
                 code: "invalid_event",
                 message: e.to_string(),
             })?;
-            decode(raw, &value, index)
+            decode(raw, value, index)
         })
         .collect()
 }
@@ -416,7 +416,7 @@ pub async fn segment_single(
     let principal = authorize(&state, key.as_deref())?;
     let env = envelope(&state, time_of(value.get("sentAt"))?, None);
     let event =
-        events::decode_segment(&value, bytes.len(), 0, Some(kind), &env).map_err(|rejection| {
+        events::decode_segment(value, bytes.len(), 0, Some(kind), &env).map_err(|rejection| {
             ApiError::new(StatusCode::BAD_REQUEST, rejection.code, rejection.message)
         })?;
     let outcome = ingest::ingest(&state.committer, &principal.project, vec![Ok(event)]).await?;
