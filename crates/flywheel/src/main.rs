@@ -336,12 +336,12 @@ async fn project_command(store: &dyn Store, command: ProjectCommand) -> anyhow::
             } else if projects.is_empty() {
                 println!("No projects yet. Create one with `flywheel project create NAME`.");
             } else {
-                println!("{:<36}  {:<25}  NAME", "ID", "CREATED");
+                println!("{:<36}  {:<20}  NAME", "ID", "CREATED");
                 for project in &projects {
                     println!(
-                        "{:<36}  {:<25}  {}",
+                        "{:<36}  {:<20}  {}",
                         project.id,
-                        project.created_at.to_rfc3339(),
+                        project.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
                         project.name
                     );
                 }
