@@ -33,6 +33,7 @@ flywheel_store::for_each_backend!(
     identity_links_resolve_at_read_and_first_link_wins,
     event_queries_filter_and_tail,
     concurrent_event_commits_number_without_gaps,
+    concurrent_retries_of_the_same_events_store_each_once,
     settings_and_schemas_are_part_of_the_config,
     deleted_people_are_gone_and_stay_gone,
 );
@@ -746,4 +747,48 @@ async fn deleted_people_are_gone_and_stay_gone(backend: Backend) {
             CommitResult::Accepted { seq: 5 }
         ]
     );
+}
+
+async fn concurrent_retries_of_the_same_events_store_each_once(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    let other_node = db.open().await;
+    let events: Vec<_> = (0..20)
+        .map(|i| event(EventType::Track, "e", Some("u"), None, i))
+        .collect();
+    // The same batch, retried concurrently through two nodes.
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other_node.clone()
+            };
+            let retry = batch(&p, events.clone());
+            tokio::spawn(async move { store.commit_events(&[retry]).await })
+        })
+        .collect();
+    let mut accepted = 0;
+    for task in tasks {
+        for result in task.await.unwrap().unwrap().remove(0) {
+            match result {
+                CommitResult::Accepted { .. } => accepted += 1,
+                CommitResult::Duplicate => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(accepted, 20, "each event is stored exactly once");
+    let stored = store
+        .list_events(
+            p.id,
+            &EventQuery {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 20);
 }
