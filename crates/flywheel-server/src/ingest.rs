@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use flywheel_domain::events::{prepare, Event, Prepared, Rejection};
 use flywheel_domain::project::{KeyId, ProjectId};
 use flywheel_domain::snapshot::ProjectConfig;
-use flywheel_store::{CommitResult, EventBatch, Store, StoreError};
+use flywheel_store::{CommitResult, EncodedEvent, EventBatch, Store, StoreError};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -76,7 +76,7 @@ impl Committer {
     pub async fn commit(
         &self,
         project: ProjectId,
-        events: Vec<Event>,
+        events: Vec<EncodedEvent>,
     ) -> Result<Vec<CommitResult>, ApiError> {
         if events.is_empty() {
             return Ok(Vec::new());
@@ -234,7 +234,10 @@ pub async fn ingest(
     let mut events = Vec::with_capacity(decoded.len());
     for (index, item) in decoded.into_iter().enumerate() {
         match item.map(|event| prepare(event, index, config)) {
-            Ok(Prepared::Store(event)) => events.push(*event),
+            // Encoded here, in the request's task, so the single committer does not.
+            Ok(Prepared::Store(event)) => {
+                events.push(EncodedEvent::encode(*event).map_err(ApiError::internal)?)
+            }
             Ok(Prepared::DroppedNoConsent) => outcome.dropped_no_consent += 1,
             Ok(Prepared::Rejected(rejection)) | Err(rejection) => outcome.rejected.push(rejection),
         }

@@ -115,7 +115,22 @@ pub struct ConfigChanges {
 #[derive(Debug, Clone)]
 pub struct EventBatch {
     pub project: ProjectId,
-    pub events: Vec<Event>,
+    pub events: Vec<EncodedEvent>,
+}
+
+/// An event with the JSON it is stored as, encoded by the caller: callers
+/// encode in parallel, so the single writer spends no time serialising.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    pub event: Event,
+    pub body: String,
+}
+
+impl EncodedEvent {
+    pub fn encode(event: Event) -> Result<Self, serde_json::Error> {
+        let body = serde_json::to_string(&event)?;
+        Ok(Self { event, body })
+    }
 }
 
 /// What became of one event of a batch.

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use crate::{
     distinct_projects, plan_links, redact_url, timed, Backend, CommitResult, ConfigChanges,
-    ConfigListener, ConfigSignal, EventBatch, EventQuery, OpenError, SchemaViolation, Store,
-    StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    ConfigListener, ConfigSignal, EncodedEvent, EventBatch, EventQuery, OpenError, SchemaViolation,
+    Store, StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -216,7 +216,11 @@ async fn commit_batch(
             .bind(project)
             .fetch_one(&mut *tx)
             .await?;
-    let named: HashSet<&str> = batch.events.iter().flat_map(event_ids).collect();
+    let named: HashSet<&str> = batch
+        .events
+        .iter()
+        .flat_map(|e| event_ids(&e.event))
+        .collect();
     let named: Vec<&str> = named.into_iter().collect();
     let suppressed: HashSet<String> = sqlx::query_scalar::<_, String>(
         "SELECT distinct_id FROM suppressed_ids WHERE project_id = $1 AND distinct_id = ANY($2)",
@@ -227,7 +231,7 @@ async fn commit_batch(
     .await?
     .into_iter()
     .collect();
-    let ids: Vec<Uuid> = batch.events.iter().map(|e| e.event_id).collect();
+    let ids: Vec<Uuid> = batch.events.iter().map(|e| e.event.event_id).collect();
     let found: Vec<Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM events WHERE project_id = $1 AND event_id = ANY($2)",
     )
@@ -238,14 +242,15 @@ async fn commit_batch(
     let mut stored: HashSet<Uuid> = found.into_iter().collect();
     let mut next = last;
     let mut results = Vec::with_capacity(batch.events.len());
-    let mut fresh: Vec<(i64, &Event)> = Vec::with_capacity(batch.events.len());
-    for event in &batch.events {
+    let mut fresh: Vec<(i64, &EncodedEvent)> = Vec::with_capacity(batch.events.len());
+    for encoded in &batch.events {
+        let event = &encoded.event;
         if is_suppressed(event, &suppressed) {
             results.push(CommitResult::Suppressed);
         } else if stored.insert(event.event_id) {
             next += 1;
             results.push(CommitResult::Accepted { seq: next });
-            fresh.push((next, event));
+            fresh.push((next, encoded));
         } else {
             results.push(CommitResult::Duplicate);
         }
@@ -254,14 +259,11 @@ async fn commit_batch(
         return Ok(results);
     }
     for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
-        let mut bodies = Vec::with_capacity(chunk.len());
-        for (_, event) in chunk {
-            bodies.push(serde_json::to_value(event).map_err(StoreError::internal)?);
-        }
         let mut query = QueryBuilder::<Postgres>::new(
             "INSERT INTO events (project_id, event_id, seq, type, event, distinct_id, timestamp, received_at, body) ",
         );
-        query.push_values(chunk.iter().zip(bodies), |mut row, ((seq, event), body)| {
+        query.push_values(chunk, |mut row, (seq, encoded)| {
+            let event = &encoded.event;
             row.push_bind(project)
                 .push_bind(event.event_id)
                 .push_bind(*seq)
@@ -270,7 +272,8 @@ async fn commit_batch(
                 .push_bind(event.distinct_id().to_string())
                 .push_bind(event.timestamp)
                 .push_bind(event.received_at)
-                .push_bind(body);
+                .push_bind(&encoded.body)
+                .push_unseparated("::jsonb");
         });
         query.build().execute(&mut *tx).await?;
     }
@@ -279,6 +282,10 @@ async fn commit_batch(
         .bind(next)
         .execute(&mut *tx)
         .await?;
+    let fresh: Vec<(i64, &Event)> = fresh
+        .iter()
+        .map(|(seq, encoded)| (*seq, &encoded.event))
+        .collect();
     apply_effects(tx, project, &fresh).await?;
     Ok(results)
 }

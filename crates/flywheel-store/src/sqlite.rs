@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use crate::{
     distinct_projects, plan_links, timed, Backend, CommitResult, ConfigChanges, ConfigListener,
-    EventBatch, EventQuery, OpenError, SchemaViolation, Store, StoreError, StoreOptions,
-    StoredEvent, MAX_LINK_DEPTH,
+    EncodedEvent, EventBatch, EventQuery, OpenError, SchemaViolation, Store, StoreError,
+    StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -230,8 +230,8 @@ async fn commit_batch(
             QueryBuilder::<Sqlite>::new("SELECT event_id FROM events WHERE project_id = ");
         query.push_bind(&project).push(" AND event_id IN (");
         let mut ids = query.separated(", ");
-        for event in chunk {
-            ids.push_bind(event.event_id.to_string());
+        for encoded in chunk {
+            ids.push_bind(encoded.event.event_id.to_string());
         }
         query.push(")");
         let found: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
@@ -245,15 +245,16 @@ async fn commit_batch(
             .await?;
     let mut next = last.unwrap_or(0);
     let mut results = Vec::with_capacity(batch.events.len());
-    let mut fresh: Vec<(i64, &Event)> = Vec::with_capacity(batch.events.len());
-    for event in &batch.events {
+    let mut fresh: Vec<(i64, &EncodedEvent)> = Vec::with_capacity(batch.events.len());
+    for encoded in &batch.events {
+        let event = &encoded.event;
         if is_suppressed(event, &suppressed) {
             results.push(CommitResult::Suppressed);
         // `insert` is false for an id already stored or earlier in this batch.
         } else if stored.insert(event.event_id.to_string()) {
             next += 1;
             results.push(CommitResult::Accepted { seq: next });
-            fresh.push((next, event));
+            fresh.push((next, encoded));
         } else {
             results.push(CommitResult::Duplicate);
         }
@@ -265,12 +266,8 @@ async fn commit_batch(
         let mut query = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (project_id, event_id, seq, type, event, distinct_id, timestamp, received_at, body) ",
         );
-        let mut encode_error = None;
-        query.push_values(chunk, |mut row, (seq, event)| {
-            let body = serde_json::to_string(event).unwrap_or_else(|e| {
-                encode_error = Some(e);
-                String::new()
-            });
+        query.push_values(chunk, |mut row, (seq, encoded)| {
+            let event = &encoded.event;
             row.push_bind(&project)
                 .push_bind(event.event_id.to_string())
                 .push_bind(*seq)
@@ -279,11 +276,8 @@ async fn commit_batch(
                 .push_bind(event.distinct_id().to_string())
                 .push_bind(event.timestamp.timestamp_micros())
                 .push_bind(event.received_at.timestamp_micros())
-                .push_bind(body);
+                .push_bind(&encoded.body);
         });
-        if let Some(error) = encode_error {
-            return Err(StoreError::internal(error));
-        }
         query.build().execute(&mut *tx).await?;
     }
     sqlx::query(
@@ -294,6 +288,10 @@ async fn commit_batch(
     .bind(next)
     .execute(&mut *tx)
     .await?;
+    let fresh: Vec<(i64, &Event)> = fresh
+        .iter()
+        .map(|(seq, encoded)| (*seq, &encoded.event))
+        .collect();
     apply_effects(tx, &project, &fresh).await?;
     Ok(results)
 }
@@ -302,9 +300,9 @@ async fn commit_batch(
 async fn suppressed_among(
     tx: &mut SqliteConnection,
     project: &str,
-    events: &[Event],
+    events: &[EncodedEvent],
 ) -> Result<HashSet<String>, StoreError> {
-    let ids: HashSet<&str> = events.iter().flat_map(event_ids).collect();
+    let ids: HashSet<&str> = events.iter().flat_map(|e| event_ids(&e.event)).collect();
     let mut found = HashSet::new();
     let ids: Vec<&str> = ids.into_iter().collect();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {

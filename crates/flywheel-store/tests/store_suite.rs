@@ -13,7 +13,7 @@ use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_domain::schemas::{EventSchema, PropertyType};
 use flywheel_store::testing::TestDatabase;
 use flywheel_store::{
-    Backend, CommitResult, ConfigSignal, EventBatch, EventQuery, Store, StoreError,
+    Backend, CommitResult, ConfigSignal, EncodedEvent, EventBatch, EventQuery, Store, StoreError,
 };
 use uuid::Uuid;
 
@@ -365,7 +365,10 @@ fn event(
 fn batch(project: &Project, events: Vec<Event>) -> EventBatch {
     EventBatch {
         project: project.id,
-        events,
+        events: events
+            .into_iter()
+            .map(|e| EncodedEvent::encode(e).unwrap())
+            .collect(),
     }
 }
 
