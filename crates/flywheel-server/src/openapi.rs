@@ -40,7 +40,7 @@ use crate::routes;
     components(schemas(
         crate::error::ErrorEnvelope,
         crate::error::ErrorBody,
-        crate::routes::events::SegmentCall,
+        flywheel_domain::events::EventType,
     )),
     modifiers(&SecuritySchemes),
     tags(

@@ -2,6 +2,8 @@
 //! port 0 with a fresh store, for each backend, and drives it with the
 //! project's own client.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,16 +43,7 @@ struct TestApp {
 }
 
 fn settings_for(db: &TestDatabase) -> Settings {
-    let options = db.options();
-    let mut settings = Settings {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        data_dir: options.data_dir,
-        database_url: options.database_url,
-        ..Settings::default()
-    };
-    settings.http.body_limit_bytes = 64 * 1024;
-    settings.snapshot.poll_interval_ms = 20;
-    settings
+    common::test_settings(db)
 }
 
 async fn spawn_app(backend: Backend) -> TestApp {
@@ -59,22 +52,12 @@ async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 async fn spawn_on(db: Arc<TestDatabase>) -> TestApp {
-    let server = flywheel_server::start(settings_for(&db), Arc::new(SystemClock))
-        .await
-        .expect("the server starts");
-    let client = Client::new(server.base_url());
-    let (secret, publishable) = match &server.bootstrap {
-        Some(created) => (
-            client.with_key(&created.secret_key.plaintext),
-            client.with_key(&created.publishable_key.plaintext),
-        ),
-        None => (client.clone(), client.clone()),
-    };
+    let started = common::start(settings_for(&db), Arc::new(SystemClock)).await;
     TestApp {
-        server,
-        client,
-        secret,
-        publishable,
+        server: started.server,
+        client: started.client,
+        secret: started.secret,
+        publishable: started.publishable,
         db,
     }
 }

@@ -1,6 +1,8 @@
 //! Event ingestion through the real server, on both backends: the native,
 //! Segment and PostHog protocols, dedupe, identity, limits and errors.
 
+mod common;
+
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,28 +44,18 @@ struct App {
 
 async fn spawn(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> App {
     let db = TestDatabase::create(backend).await;
-    let options = db.options();
-    let mut settings = Settings {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        data_dir: options.data_dir,
-        database_url: options.database_url,
-        ..Settings::default()
-    };
+    let mut settings = common::test_settings(&db);
     tweak(&mut settings);
     let (y, mo, d, h, mi, s) = NOW;
     let clock = ManualClock::new(Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap());
-    let server = flywheel_server::start(settings, Arc::new(clock))
-        .await
-        .unwrap();
-    let created = server.bootstrap.as_ref().unwrap();
-    let client = Client::new(server.base_url());
+    let started = common::start(settings, Arc::new(clock)).await;
     App {
-        secret: client.with_key(&created.secret_key.plaintext),
-        publishable: client.with_key(&created.publishable_key.plaintext),
-        pk: created.publishable_key.plaintext.clone(),
-        base: server.base_url(),
+        secret: started.secret,
+        publishable: started.publishable,
+        pk: started.publishable_key.expect("a fresh store bootstraps"),
+        base: started.server.base_url(),
         http: reqwest::Client::new(),
-        _server: server,
+        _server: started.server,
         _db: db,
     }
 }

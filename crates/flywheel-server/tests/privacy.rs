@@ -1,11 +1,13 @@
 //! Consent, IP reduction, PII redaction, event schemas and person deletion,
 //! through the real server on both backends.
 
+mod common;
+
 use std::sync::Arc;
 
 use flywheel_client::Client;
 use flywheel_domain::clock::SystemClock;
-use flywheel_server::{RunningServer, Settings};
+use flywheel_server::RunningServer;
 use flywheel_store::testing::TestDatabase;
 use flywheel_store::Backend;
 use reqwest::{Method, StatusCode};
@@ -29,22 +31,11 @@ struct App {
 
 async fn spawn(backend: Backend) -> App {
     let db = TestDatabase::create(backend).await;
-    let options = db.options();
-    let settings = Settings {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        data_dir: options.data_dir,
-        database_url: options.database_url,
-        ..Settings::default()
-    };
-    let server = flywheel_server::start(settings, Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let created = server.bootstrap.as_ref().unwrap();
-    let client = Client::new(server.base_url());
+    let started = common::start(common::test_settings(&db), Arc::new(SystemClock)).await;
     App {
-        secret: client.with_key(&created.secret_key.plaintext),
-        publishable: client.with_key(&created.publishable_key.plaintext),
-        _server: server,
+        secret: started.secret,
+        publishable: started.publishable,
+        _server: started.server,
         _db: db,
     }
 }

@@ -389,7 +389,7 @@ pub async fn segment_batch(
 /// Segment single calls: `/v1/track`, `/v1/identify`, `/v1/alias`,
 /// `/v1/group`, `/v1/page`, `/v1/screen`. A rejected message is a 400.
 #[utoipa::path(post, path = "/v1/{call}", tag = "events",
-    params(("call" = SegmentCall, Path, description = "Which Segment call")),
+    params(("call" = EventType, Path, description = "Which Segment call")),
     request_body(content = Object, description = "One Segment message"),
     responses(
         (status = 200, description = "Stored", body = SegmentAnswer),
@@ -424,19 +424,6 @@ pub async fn segment_single(
         success: true,
         outcome,
     }))
-}
-
-/// The Segment single-call endpoints.
-#[derive(Debug, ToSchema)]
-#[schema(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum SegmentCall {
-    Track,
-    Identify,
-    Alias,
-    Group,
-    Page,
-    Screen,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

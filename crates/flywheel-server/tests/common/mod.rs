@@ -1,0 +1,54 @@
+//! Shared by the server's integration tests: settings for a throwaway store
+//! on port 0, and a started server with its bootstrap keys as clients.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use flywheel_client::Client;
+use flywheel_domain::clock::SharedClock;
+use flywheel_server::{RunningServer, Settings};
+use flywheel_store::testing::TestDatabase;
+
+/// Settings for a server on a free port over `db`.
+pub fn test_settings(db: &TestDatabase) -> Settings {
+    let options = db.options();
+    let mut settings = Settings {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir: options.data_dir,
+        database_url: options.database_url,
+        ..Settings::default()
+    };
+    settings.http.body_limit_bytes = 64 * 1024;
+    settings.snapshot.poll_interval_ms = 20;
+    settings
+}
+
+/// A running server and clients for the `default` project's keys (plain
+/// clients when this start did not create the project: a second node).
+pub struct Started {
+    pub server: RunningServer,
+    pub client: Client,
+    pub secret: Client,
+    pub publishable: Client,
+    pub publishable_key: Option<String>,
+}
+
+pub async fn start(settings: Settings, clock: SharedClock) -> Started {
+    let server = flywheel_server::start(settings, clock)
+        .await
+        .expect("the server starts");
+    let client = Client::new(server.base_url());
+    let (secret, publishable, publishable_key) = match &server.bootstrap {
+        Some(created) => (
+            client.with_key(&created.secret_key.plaintext),
+            client.with_key(&created.publishable_key.plaintext),
+            Some(created.publishable_key.plaintext.clone()),
+        ),
+        None => (client.clone(), client.clone(), None),
+    };
+    Started {
+        server,
+        client,
+        secret,
+        publishable,
+        publishable_key,
+    }
+}
