@@ -409,8 +409,34 @@ fn mirror<'a>(value: &'a Value, arena: &'a Bump) -> DataValue<'a> {
 /// Compiles one targeting rule (with `$ref`s already expanded).
 pub(crate) fn compile_rule(rule: &Value, at: &str) -> Result<Logic, FlagError> {
     engine()
-        .compile(rule)
+        .compile(&null_bucketing_key_picks_nothing(rule))
         .map_err(|error| FlagError::invalid("invalid_targeting", at.to_string(), error.to_string()))
+}
+
+/// `fractional` with a computed bucketing key that comes out `null` (say, a
+/// missing attribute) picks no variant in flagd-core and the JavaScript
+/// providers, while the engine would fall back to `flagKey + targetingKey`.
+/// Guarding the call keeps Flywheel on the providers' side of that split.
+fn null_bucketing_key_picks_nothing(rule: &Value) -> Value {
+    match rule {
+        Value::Object(object) => {
+            let rewritten: Map<String, Value> = object
+                .iter()
+                .map(|(name, value)| (name.clone(), null_bucketing_key_picks_nothing(value)))
+                .collect();
+            if let (1, Some(Value::Array(args))) = (rewritten.len(), rewritten.get("fractional")) {
+                if let Some(key @ Value::Object(_)) = args.first() {
+                    let call = Value::Object(rewritten.clone());
+                    return serde_json::json!({"if": [{"===": [key, null]}, null, call]});
+                }
+            }
+            Value::Object(rewritten)
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(null_bucketing_key_picks_nothing).collect())
+        }
+        scalar => scalar.clone(),
+    }
 }
 
 /// Replaces every `{"$ref": "name"}` with the named evaluator, recursively;
@@ -467,5 +493,232 @@ fn expand<'e>(
             .collect::<Result<Vec<_>, _>>()
             .map(Value::Array),
         scalar => Ok(scalar.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn flags(document: Value) -> CompiledFlagSet {
+        CompiledFlagSet::compile(FlagDocument::from_json(&document).unwrap()).unwrap()
+    }
+
+    fn context(value: Value) -> EvaluationContext {
+        value.as_object().unwrap().clone()
+    }
+
+    fn rollout(percentage: u64) -> CompiledFlagSet {
+        flags(json!([{"key": "rollout", "rollout_percentage": percentage}]))
+    }
+
+    #[test]
+    fn reasons_follow_flagd() {
+        let set = flags(json!({"flags": {
+            "static": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "b"},
+            "off": {"state": "DISABLED", "variants": {"a": 1}, "defaultVariant": "a"},
+            "no-default": {"state": "ENABLED", "variants": {"a": 1}},
+            "targeted": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "b",
+                         "targeting": {"if": [{"==": [{"var": "plan"}, "pro"]}, "a", null]}},
+            "bool-result": {"state": "ENABLED", "variants": {"true": "yes", "false": "no"}, "defaultVariant": "false",
+                            "targeting": {"==": [{"var": "plan"}, "pro"]}},
+            "ghost": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a",
+                      "targeting": {"if": [true, "nope", "a"]}}
+        }}));
+        let pro = context(json!({"targetingKey": "u1", "plan": "pro"}));
+        let free = context(json!({"targetingKey": "u1", "plan": "free"}));
+        let at = |key: &'static str, ctx: &EvaluationContext| {
+            let resolution = set.evaluate(key, ctx, 0);
+            (
+                resolution.reason,
+                resolution.variant.map(str::to_owned),
+                resolution.value.cloned(),
+            )
+        };
+        assert_eq!(
+            at("static", &pro),
+            (Reason::Static, Some("b".into()), Some(json!(2)))
+        );
+        assert_eq!(at("off", &pro), (Reason::Disabled, None, None));
+        assert_eq!(at("no-default", &pro), (Reason::Default, None, None));
+        assert_eq!(
+            at("targeted", &pro),
+            (Reason::TargetingMatch, Some("a".into()), Some(json!(1)))
+        );
+        assert_eq!(
+            at("targeted", &free),
+            (Reason::Default, Some("b".into()), Some(json!(2)))
+        );
+        assert_eq!(
+            at("bool-result", &pro),
+            (
+                Reason::TargetingMatch,
+                Some("true".into()),
+                Some(json!("yes"))
+            )
+        );
+        assert_eq!(
+            at("bool-result", &free),
+            (
+                Reason::TargetingMatch,
+                Some("false".into()),
+                Some(json!("no"))
+            )
+        );
+        let ghost = set.evaluate("ghost", &pro, 0);
+        assert_eq!(ghost.reason, Reason::Error);
+        assert_eq!(ghost.error.unwrap().code, ResolutionErrorCode::General);
+        let missing = set.evaluate("missing", &pro, 0);
+        assert_eq!(
+            missing.error.unwrap().code,
+            ResolutionErrorCode::FlagNotFound
+        );
+    }
+
+    #[test]
+    fn flagd_envelope_cannot_be_spoofed_and_carries_the_time() {
+        let set = flags(
+            json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "b",
+            "targeting": {"if": [{"and": [
+                {"==": [{"var": "$flagd.flagKey"}, "f"]},
+                {">=": [{"var": "$flagd.timestamp"}, 1_800_000_000]}
+            ]}, "a", "b"]}}}}),
+        );
+        let spoofed = context(json!({"$flagd": {"flagKey": "other", "timestamp": 0}}));
+        assert_eq!(
+            set.evaluate("f", &spoofed, 1_800_000_000).variant,
+            Some("a")
+        );
+        assert_eq!(
+            set.evaluate("f", &spoofed, 1_799_999_999).variant,
+            Some("b")
+        );
+    }
+
+    /// MurmurHash3 x86_32 written out from the reference, to check the
+    /// engine's bucketing independently.
+    fn murmur3_x86_32(bytes: &[u8]) -> u32 {
+        let (c1, c2) = (0xcc9e_2d51_u32, 0x1b87_3593_u32);
+        let mut hash = 0_u32;
+        let chunks = bytes.chunks_exact(4);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            let k = u32::from_le_bytes(chunk.try_into().unwrap());
+            hash ^= k.wrapping_mul(c1).rotate_left(15).wrapping_mul(c2);
+            hash = hash
+                .rotate_left(13)
+                .wrapping_mul(5)
+                .wrapping_add(0xe654_6b64);
+        }
+        let mut k = 0_u32;
+        for (index, byte) in tail.iter().enumerate() {
+            k |= u32::from(*byte) << (8 * index);
+        }
+        if !tail.is_empty() {
+            hash ^= k.wrapping_mul(c1).rotate_left(15).wrapping_mul(c2);
+        }
+        hash ^= bytes.len() as u32;
+        hash ^= hash >> 16;
+        hash = hash.wrapping_mul(0x85eb_ca6b);
+        hash ^= hash >> 13;
+        hash = hash.wrapping_mul(0xc2b2_ae35);
+        hash ^ (hash >> 16)
+    }
+
+    #[test]
+    fn fractional_buckets_are_murmur3_of_flag_key_and_targeting_key() {
+        assert_eq!(murmur3_x86_32(b"hello"), 0x248b_fa47); // SMHasher reference value
+        let colors = ["red", "blue", "green", "yellow"];
+        let set = flags(json!({"flags": {"headerColor": {"state": "ENABLED",
+            "variants": {"red": "#F00", "blue": "#00F", "green": "#0F0", "yellow": "#FF0"}, "defaultVariant": "red",
+            "targeting": {"fractional": [["red", 25], ["blue", 25], ["green", 25], ["yellow", 25]]}}}}));
+        for user in [
+            "rachel@faas.com",
+            "monica@faas.com",
+            "joey@faas.com",
+            "ross@faas.com",
+            "ü-nicode",
+        ] {
+            let hash = murmur3_x86_32(format!("headerColor{user}").as_bytes());
+            let bucket = (u64::from(hash) * 100) >> 32;
+            let expected = colors[(bucket / 25) as usize];
+            let resolution =
+                set.evaluate("headerColor", &context(json!({"targetingKey": user})), 0);
+            assert_eq!(resolution.variant, Some(expected), "{user}");
+            assert_eq!(resolution.reason, Reason::TargetingMatch);
+        }
+        // An explicit bucketing key is hashed alone; a missing one picks nothing.
+        let explicit = flags(
+            json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "b",
+            "targeting": {"fractional": [{"var": "email"}, ["a", 50], ["b", 50]]}}}}),
+        );
+        let hash = murmur3_x86_32(b"joey@faas.com");
+        let expected = if ((u64::from(hash) * 100) >> 32) < 50 {
+            "a"
+        } else {
+            "b"
+        };
+        let resolution = explicit.evaluate("f", &context(json!({"email": "joey@faas.com"})), 0);
+        assert_eq!(resolution.variant, Some(expected));
+        let missing = explicit.evaluate("f", &context(json!({"targetingKey": "joey"})), 0);
+        assert_eq!(
+            (missing.reason, missing.variant),
+            (Reason::Default, Some("b"))
+        );
+        // Without a targeting key the implicit form picks nothing either.
+        let implicit = rollout(50);
+        assert_eq!(
+            implicit.evaluate("rollout", &context(json!({})), 0).reason,
+            Reason::Default
+        );
+    }
+
+    #[test]
+    fn rollouts_land_within_half_a_percent_and_never_move_users_out() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let keys: Vec<String> = (0..100_000)
+            .map(|_| format!("user-{:016x}", rng.gen::<u64>()))
+            .collect();
+        let sets: Vec<(u64, CompiledFlagSet)> =
+            [10, 50, 90].into_iter().map(|p| (p, rollout(p))).collect();
+        let mut previously_on: Option<Vec<bool>> = None;
+        for (percentage, set) in &sets {
+            let on: Vec<bool> = keys
+                .iter()
+                .map(|key| {
+                    let ctx = context(json!({"targetingKey": key}));
+                    set.evaluate("rollout", &ctx, 0).variant == Some("on")
+                })
+                .collect();
+            let share = on.iter().filter(|on| **on).count() as f64 / keys.len() as f64 * 100.0;
+            assert!(
+                (share - *percentage as f64).abs() <= 0.5,
+                "{percentage}%: {share:.3}% on"
+            );
+            if let Some(before) = &previously_on {
+                let moved_out = before
+                    .iter()
+                    .zip(&on)
+                    .filter(|(was, is)| **was && !**is)
+                    .count();
+                assert_eq!(moved_out, 0, "raising to {percentage}% moved users out");
+            }
+            previously_on = Some(on);
+        }
+    }
+
+    #[test]
+    fn bulk_evaluation_answers_every_flag_in_key_order() {
+        let set = flags(json!({"flags": {
+            "b": {"state": "ENABLED", "variants": {"x": 1}, "defaultVariant": "x"},
+            "a": {"state": "DISABLED", "variants": {"x": 1}, "defaultVariant": "x"}
+        }}));
+        let mut keys = Vec::new();
+        set.evaluate_all(&context(json!({})), 0, |resolution| {
+            keys.push(resolution.key.to_owned())
+        });
+        assert_eq!(keys, ["a", "b"]);
     }
 }
