@@ -67,6 +67,8 @@ fn fixture() -> Fixture {
                 keys,
                 settings: Default::default(),
                 schemas: Default::default(),
+                flags: Default::default(),
+                flag_entries: Vec::new(),
             }
         })
         .collect();

@@ -9,7 +9,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use flywheel_flags::CompiledFlagSet;
+
 use crate::error::{DomainError, ErrorKind};
+use crate::flags::CurrentFlagEntry;
 use crate::keys::{KeyKind, PresentedKey, Scope};
 use crate::privacy::ProjectSettings;
 use crate::project::{ApiKeyRecord, KeyId, Project, ProjectId};
@@ -17,7 +20,7 @@ use crate::schemas::EventSchema;
 
 /// Everything the hot path needs about one project. Later features (flags,
 /// plans, rules) add their compiled form here.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProjectConfig {
     pub project: Project,
     /// Active keys only; revoked keys are not loaded.
@@ -25,6 +28,10 @@ pub struct ProjectConfig {
     pub settings: ProjectSettings,
     /// Event schemas by event name.
     pub schemas: BTreeMap<String, EventSchema>,
+    /// Feature flags, compiled for evaluation.
+    pub flags: Arc<CompiledFlagSet>,
+    /// The current stored entries behind `flags`, with their versions.
+    pub flag_entries: Vec<CurrentFlagEntry>,
 }
 
 /// Who is calling: the outcome of authenticating a request.
@@ -189,6 +196,8 @@ mod tests {
                 keys: records,
                 settings: ProjectSettings::default(),
                 schemas: BTreeMap::new(),
+                flags: Default::default(),
+                flag_entries: Vec::new(),
             },
             generated,
         )

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flywheel_domain::events::Event;
+use flywheel_domain::flags::{FlagAction, FlagChange, FlagEntryKind, FlagVersion};
 use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_domain::schemas::EventSchema;
@@ -304,6 +305,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         at: DateTime<Utc>,
     ) -> Result<u64, StoreError>;
 
+    /// Writes flag-set changes as new versions, in one transaction, and
+    /// records one configuration change. A change whose definition equals the
+    /// entry's current one (or deletes an absent entry) writes nothing.
+    /// Returns the versions written.
+    async fn write_flags(
+        &self,
+        project: ProjectId,
+        changes: &[FlagChange],
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<FlagVersion>, StoreError>;
+
+    /// Every version of one entry, oldest first.
+    async fn flag_history(
+        &self,
+        project: ProjectId,
+        kind: FlagEntryKind,
+        key: &str,
+    ) -> Result<Vec<FlagVersion>, StoreError>;
+
     /// A push channel for changes, where the backend has one (PostgreSQL);
     /// `None` means the caller polls [`Store::config_changes_since`].
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError>;
@@ -458,6 +479,32 @@ pub(crate) fn plan_links(
 }
 
 /// Collapses a change list to distinct projects, keeping first-seen order.
+/// What writing `change` over an entry whose newest version is `current`
+/// (its number and definition, `None` when deleted) amounts to: the version
+/// to write and its action, or `None` when nothing changes.
+pub(crate) fn plan_flag_version(
+    current: Option<(i64, Option<&serde_json::Value>)>,
+    change: &FlagChange,
+) -> Option<(i64, FlagAction)> {
+    let next = current.map_or(1, |(version, _)| version + 1);
+    let live = current.and_then(|(_, definition)| definition);
+    match (&change.definition, live) {
+        (None, None) => None,
+        (Some(new), Some(old)) if new == old => None,
+        (None, Some(_)) => Some((next, FlagAction::Deleted)),
+        (Some(_), existing) => {
+            let action = match change.action {
+                FlagAction::Created | FlagAction::Updated if existing.is_some() => {
+                    FlagAction::Updated
+                }
+                FlagAction::Created | FlagAction::Updated => FlagAction::Created,
+                other => other,
+            };
+            Some((next, action))
+        }
+    }
+}
+
 pub(crate) fn distinct_projects(changed: impl IntoIterator<Item = ProjectId>) -> Vec<ProjectId> {
     let mut seen = std::collections::HashSet::new();
     changed.into_iter().filter(|id| seen.insert(*id)).collect()
@@ -504,6 +551,56 @@ mod tests {
             &mut known,
         );
         assert_eq!(added, vec![pair("anon", "user"), pair("dev", "user")]);
+    }
+
+    #[test]
+    fn flag_versions_skip_no_ops_and_name_creation_and_update() {
+        use serde_json::json;
+        let change = |definition: Option<serde_json::Value>, action| FlagChange {
+            kind: FlagEntryKind::Flag,
+            key: "f".into(),
+            definition,
+            action,
+        };
+        let on = json!({"state": "ENABLED"});
+        let off = json!({"state": "DISABLED"});
+        assert_eq!(
+            plan_flag_version(None, &change(Some(on.clone()), FlagAction::Updated)),
+            Some((1, FlagAction::Created))
+        );
+        assert_eq!(
+            plan_flag_version(
+                Some((1, Some(&on))),
+                &change(Some(on.clone()), FlagAction::Updated)
+            ),
+            None
+        );
+        assert_eq!(
+            plan_flag_version(
+                Some((1, Some(&on))),
+                &change(Some(off.clone()), FlagAction::Created)
+            ),
+            Some((2, FlagAction::Updated))
+        );
+        assert_eq!(
+            plan_flag_version(Some((2, Some(&off))), &change(None, FlagAction::Deleted)),
+            Some((3, FlagAction::Deleted))
+        );
+        assert_eq!(
+            plan_flag_version(Some((3, None)), &change(None, FlagAction::Deleted)),
+            None
+        );
+        assert_eq!(
+            plan_flag_version(
+                Some((3, None)),
+                &change(Some(on.clone()), FlagAction::Restored)
+            ),
+            Some((4, FlagAction::Restored))
+        );
+        assert_eq!(
+            plan_flag_version(None, &change(None, FlagAction::Deleted)),
+            None
+        );
     }
 
     #[test]

@@ -14,6 +14,9 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flywheel_domain::events::{Effect, Event};
+use flywheel_domain::flags::{
+    compile_entries, CurrentFlagEntry, FlagAction, FlagChange, FlagEntryKind, FlagVersion,
+};
 use flywheel_domain::keys::{KeyHash, KeyKind};
 use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
@@ -24,9 +27,9 @@ use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, plan_links, redact_url, timed, Backend, CommitResult, ConfigChanges,
-    ConfigListener, ConfigSignal, EncodedEvent, EventBatch, EventQuery, OpenError, SchemaViolation,
-    Store, StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    distinct_projects, plan_flag_version, plan_links, redact_url, timed, Backend, CommitResult,
+    ConfigChanges, ConfigListener, ConfigSignal, EncodedEvent, EventBatch, EventQuery, OpenError,
+    SchemaViolation, Store, StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -120,12 +123,48 @@ impl PgStore {
             };
             schemas.insert(event, schema);
         }
+        let flag_entries = self.current_flag_entries(project.id).await?;
+        let (flags, problems) = compile_entries(&flag_entries);
+        for problem in problems {
+            tracing::error!(project = %project.id.0, problem, "a stored flag does not compile; left out");
+        }
         Ok(ProjectConfig {
             project,
             keys,
             settings,
             schemas,
+            flags,
+            flag_entries,
         })
+    }
+
+    async fn current_flag_entries(
+        &self,
+        project: ProjectId,
+    ) -> Result<Vec<CurrentFlagEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT ON (kind, key) kind, key, version, definition, created_at \
+             FROM flag_versions WHERE project_id = $1 ORDER BY kind, key, version DESC",
+        )
+        .bind(project.0)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let definition: Option<serde_json::Value> = row.try_get("definition")?;
+            // The newest version of a deleted entry has no definition.
+            let Some(definition) = definition else {
+                continue;
+            };
+            entries.push(CurrentFlagEntry {
+                kind: flag_kind(row)?,
+                key: row.try_get("key")?,
+                version: row.try_get("version")?,
+                definition,
+                updated_at: row.try_get("created_at")?,
+            });
+        }
+        Ok(entries)
     }
 
     async fn keys_where(
@@ -410,6 +449,26 @@ async fn resolve_in(
         }
     }
     Ok(current)
+}
+
+fn flag_kind(row: &PgRow) -> Result<FlagEntryKind, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    FlagEntryKind::parse(&kind)
+        .ok_or_else(|| StoreError::internal(crate::sqlite::UnknownValue(kind)))
+}
+
+fn flag_version(row: &PgRow) -> Result<FlagVersion, StoreError> {
+    let action: String = row.try_get("action")?;
+    Ok(FlagVersion {
+        kind: flag_kind(row)?,
+        key: row.try_get("key")?,
+        version: row.try_get("version")?,
+        definition: row.try_get("definition")?,
+        action: FlagAction::parse(&action)
+            .ok_or_else(|| StoreError::internal(crate::sqlite::UnknownValue(action)))?,
+        actor: row.try_get("actor")?,
+        created_at: row.try_get("created_at")?,
+    })
 }
 
 #[async_trait]
@@ -866,6 +925,93 @@ impl Store for PgStore {
             .await?;
             tx.commit().await?;
             Ok(deleted)
+        })
+        .await
+    }
+
+    async fn write_flags(
+        &self,
+        project: ProjectId,
+        changes: &[FlagChange],
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<FlagVersion>, StoreError> {
+        timed(Backend::Postgres, "write_flags", async {
+            let mut tx = self.pool.begin().await?;
+            // One writer per project's flag set at a time: versions are
+            // numbered by reading the newest, so concurrent writers serialise.
+            sqlx::query("SELECT id FROM projects WHERE id = $1 FOR UPDATE")
+                .bind(project.0)
+                .execute(&mut *tx)
+                .await?;
+            let mut written = Vec::new();
+            for change in changes {
+                let current = sqlx::query(
+                    "SELECT version, definition FROM flag_versions \
+                     WHERE project_id = $1 AND kind = $2 AND key = $3 ORDER BY version DESC LIMIT 1",
+                )
+                .bind(project.0)
+                .bind(change.kind.as_str())
+                .bind(&change.key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let current = match current {
+                    Some(row) => Some((
+                        row.try_get::<i64, _>("version")?,
+                        row.try_get::<Option<serde_json::Value>, _>("definition")?,
+                    )),
+                    None => None,
+                };
+                let current_ref = current
+                    .as_ref()
+                    .map(|(version, definition)| (*version, definition.as_ref()));
+                let Some((version, action)) = plan_flag_version(current_ref, change) else {
+                    continue;
+                };
+                let row = sqlx::query(
+                    "INSERT INTO flag_versions (project_id, kind, key, version, definition, action, actor, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     RETURNING kind, key, version, definition, action, actor, created_at",
+                )
+                .bind(project.0)
+                .bind(change.kind.as_str())
+                .bind(&change.key)
+                .bind(version)
+                .bind(change.definition.as_ref())
+                .bind(action.as_str())
+                .bind(actor)
+                .bind(at)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|error| StoreError::from_sqlx(error, "project_not_found"))?;
+                written.push(flag_version(&row)?);
+            }
+            if !written.is_empty() {
+                Self::record_change(&mut tx, project, "flags", at).await?;
+            }
+            tx.commit().await?;
+            Ok(written)
+        })
+        .await
+    }
+
+    async fn flag_history(
+        &self,
+        project: ProjectId,
+        kind: FlagEntryKind,
+        key: &str,
+    ) -> Result<Vec<FlagVersion>, StoreError> {
+        timed(Backend::Postgres, "flag_history", async {
+            let rows = sqlx::query(
+                "SELECT kind, key, version, definition, action, actor, created_at FROM flag_versions \
+                 WHERE project_id = $1 AND kind = $2 AND key = $3 ORDER BY version",
+            )
+            .bind(project.0)
+            .bind(kind.as_str())
+            .bind(key)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(flag_version).collect()
         })
         .await
     }

@@ -15,6 +15,9 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use flywheel_domain::events::{Effect, Event};
+use flywheel_domain::flags::{
+    compile_entries, CurrentFlagEntry, FlagAction, FlagChange, FlagEntryKind, FlagVersion,
+};
 use flywheel_domain::keys::{KeyHash, KeyKind};
 use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
@@ -27,9 +30,9 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, plan_links, timed, Backend, CommitResult, ConfigChanges, ConfigListener,
-    EncodedEvent, EventBatch, EventQuery, OpenError, SchemaViolation, Store, StoreError,
-    StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    distinct_projects, plan_flag_version, plan_links, timed, Backend, CommitResult, ConfigChanges,
+    ConfigListener, EncodedEvent, EventBatch, EventQuery, OpenError, SchemaViolation, Store,
+    StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -121,12 +124,47 @@ impl SqliteStore {
             };
             schemas.insert(event, schema);
         }
+        let flag_entries = self.current_flag_entries(&id).await?;
+        let (flags, problems) = compile_entries(&flag_entries);
+        for problem in problems {
+            tracing::error!(project = %project.id.0, problem, "a stored flag does not compile; left out");
+        }
         Ok(ProjectConfig {
             project,
             keys,
             settings,
             schemas,
+            flags,
+            flag_entries,
         })
+    }
+
+    async fn current_flag_entries(
+        &self,
+        project: &str,
+    ) -> Result<Vec<CurrentFlagEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, key, version, definition, created_at FROM flag_versions AS v \
+             WHERE project_id = ? AND definition IS NOT NULL AND version = \
+             (SELECT MAX(version) FROM flag_versions AS w \
+              WHERE w.project_id = v.project_id AND w.kind = v.kind AND w.key = v.key) \
+             ORDER BY kind, key",
+        )
+        .bind(project)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let definition: String = row.try_get("definition")?;
+                Ok(CurrentFlagEntry {
+                    kind: flag_kind(row)?,
+                    key: row.try_get("key")?,
+                    version: row.try_get("version")?,
+                    definition: serde_json::from_str(&definition).map_err(StoreError::internal)?,
+                    updated_at: micros_to_time(row.try_get("created_at")?)?,
+                })
+            })
+            .collect()
     }
 
     async fn keys_where(
@@ -153,6 +191,34 @@ fn micros_to_time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
         ))
     })
 }
+
+fn flag_kind(row: &SqliteRow) -> Result<FlagEntryKind, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    FlagEntryKind::parse(&kind).ok_or_else(|| StoreError::internal(UnknownValue(kind)))
+}
+
+fn flag_version(row: &SqliteRow) -> Result<FlagVersion, StoreError> {
+    let definition: Option<String> = row.try_get("definition")?;
+    let action: String = row.try_get("action")?;
+    Ok(FlagVersion {
+        kind: flag_kind(row)?,
+        key: row.try_get("key")?,
+        version: row.try_get("version")?,
+        definition: definition
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(StoreError::internal)?,
+        action: FlagAction::parse(&action)
+            .ok_or_else(|| StoreError::internal(UnknownValue(action)))?,
+        actor: row.try_get("actor")?,
+        created_at: micros_to_time(row.try_get("created_at")?)?,
+    })
+}
+
+/// A stored enum value this build does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected stored value `{0}`")]
+pub(crate) struct UnknownValue(pub(crate) String);
 
 fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
     let text: String = row.try_get(column)?;
@@ -928,6 +994,90 @@ impl Store for SqliteStore {
             }
             tx.commit().await?;
             Ok(deleted)
+        })
+        .await
+    }
+
+    async fn write_flags(
+        &self,
+        project: ProjectId,
+        changes: &[FlagChange],
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<FlagVersion>, StoreError> {
+        timed(Backend::Sqlite, "write_flags", async {
+            let id = project.0.to_string();
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let mut written = Vec::new();
+            for change in changes {
+                let current = sqlx::query(
+                    "SELECT version, definition FROM flag_versions \
+                     WHERE project_id = ? AND kind = ? AND key = ? ORDER BY version DESC LIMIT 1",
+                )
+                .bind(&id)
+                .bind(change.kind.as_str())
+                .bind(&change.key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let current = match current {
+                    Some(row) => {
+                        let definition: Option<String> = row.try_get("definition")?;
+                        let definition = definition
+                            .map(|text| serde_json::from_str::<serde_json::Value>(&text))
+                            .transpose()
+                            .map_err(StoreError::internal)?;
+                        Some((row.try_get::<i64, _>("version")?, definition))
+                    }
+                    None => None,
+                };
+                let current_ref = current.as_ref().map(|(version, definition)| (*version, definition.as_ref()));
+                let Some((version, action)) = plan_flag_version(current_ref, change) else {
+                    continue;
+                };
+                let row = sqlx::query(
+                    "INSERT INTO flag_versions (project_id, kind, key, version, definition, action, actor, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+                     RETURNING kind, key, version, definition, action, actor, created_at",
+                )
+                .bind(&id)
+                .bind(change.kind.as_str())
+                .bind(&change.key)
+                .bind(version)
+                .bind(change.definition.as_ref().map(|definition| definition.to_string()))
+                .bind(action.as_str())
+                .bind(actor)
+                .bind(at.timestamp_micros())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|error| StoreError::from_sqlx(error, "project_not_found"))?;
+                written.push(flag_version(&row)?);
+            }
+            if !written.is_empty() {
+                Self::record_change(&mut tx, project, "flags", at).await?;
+            }
+            tx.commit().await?;
+            Ok(written)
+        })
+        .await
+    }
+
+    async fn flag_history(
+        &self,
+        project: ProjectId,
+        kind: FlagEntryKind,
+        key: &str,
+    ) -> Result<Vec<FlagVersion>, StoreError> {
+        timed(Backend::Sqlite, "flag_history", async {
+            let rows = sqlx::query(
+                "SELECT kind, key, version, definition, action, actor, created_at FROM flag_versions \
+                 WHERE project_id = ? AND kind = ? AND key = ? ORDER BY version",
+            )
+            .bind(project.0.to_string())
+            .bind(kind.as_str())
+            .bind(key)
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter().map(flag_version).collect()
         })
         .await
     }

@@ -36,6 +36,7 @@ flywheel_store::for_each_backend!(
     concurrent_retries_of_the_same_events_store_each_once,
     settings_and_schemas_are_part_of_the_config,
     deleted_people_are_gone_and_stay_gone,
+    flag_versions_are_appended_compiled_into_the_config_and_restorable,
 );
 
 /// A fixed instant with whole microseconds (what both backends keep).
@@ -794,4 +795,163 @@ async fn concurrent_retries_of_the_same_events_store_each_once(backend: Backend)
         .await
         .unwrap();
     assert_eq!(stored.len(), 20);
+}
+
+async fn flag_versions_are_appended_compiled_into_the_config_and_restorable(backend: Backend) {
+    use flywheel_domain::flags::{FlagAction, FlagChange, FlagEntryKind};
+    use serde_json::json;
+
+    let (_db, store) = fresh(backend).await;
+    let owner = project("flags", at(0));
+    store.create_project(&owner, &[]).await.unwrap();
+    let change = |kind, key: &str, definition: Option<serde_json::Value>, action| FlagChange {
+        kind,
+        key: key.into(),
+        definition,
+        action,
+    };
+    let on = json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on",
+                    "targeting": {"if": [{"$ref": "pro"}, "on", "off"]}});
+    let off = json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off"});
+    let written = store
+        .write_flags(
+            owner.id,
+            &[
+                change(
+                    FlagEntryKind::Evaluator,
+                    "pro",
+                    Some(json!({"==": [{"var": "plan"}, "pro"]})),
+                    FlagAction::Imported,
+                ),
+                change(
+                    FlagEntryKind::Flag,
+                    "new-nav",
+                    Some(on.clone()),
+                    FlagAction::Updated,
+                ),
+                change(FlagEntryKind::Flag, "gone", None, FlagAction::Deleted),
+            ],
+            "key-1",
+            at(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(written.len(), 2, "deleting an absent flag writes nothing");
+    assert_eq!(
+        (written[1].version, written[1].action),
+        (1, FlagAction::Created)
+    );
+
+    // Writing the same definition again is not a new version.
+    let again = store
+        .write_flags(
+            owner.id,
+            &[change(
+                FlagEntryKind::Flag,
+                "new-nav",
+                Some(on.clone()),
+                FlagAction::Updated,
+            )],
+            "key-1",
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+
+    store
+        .write_flags(
+            owner.id,
+            &[change(
+                FlagEntryKind::Flag,
+                "new-nav",
+                Some(off.clone()),
+                FlagAction::Updated,
+            )],
+            "key-2",
+            at(3),
+        )
+        .await
+        .unwrap();
+    let config = store.load_project_config(owner.id).await.unwrap().unwrap();
+    assert_eq!(config.flags.len(), 1);
+    let context = json!({"targetingKey": "u", "plan": "pro"})
+        .as_object()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        config.flags.evaluate("new-nav", &context, 0).variant,
+        Some("off")
+    );
+    assert_eq!(config.flags.document().evaluators.len(), 1);
+
+    store
+        .write_flags(
+            owner.id,
+            &[change(
+                FlagEntryKind::Flag,
+                "new-nav",
+                None,
+                FlagAction::Deleted,
+            )],
+            "key-2",
+            at(4),
+        )
+        .await
+        .unwrap();
+    assert!(store
+        .load_project_config(owner.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .flags
+        .is_empty());
+
+    // Restoring version 1 writes version 4 with its definition.
+    let history = store
+        .flag_history(owner.id, FlagEntryKind::Flag, "new-nav")
+        .await
+        .unwrap();
+    let actions: Vec<(i64, FlagAction, &str)> = history
+        .iter()
+        .map(|version| (version.version, version.action, version.actor.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (1, FlagAction::Created, "key-1"),
+            (2, FlagAction::Updated, "key-2"),
+            (3, FlagAction::Deleted, "key-2")
+        ]
+    );
+    assert_eq!(history[0].created_at, at(1));
+    store
+        .write_flags(
+            owner.id,
+            &[change(
+                FlagEntryKind::Flag,
+                "new-nav",
+                history[0].definition.clone(),
+                FlagAction::Restored,
+            )],
+            "cli",
+            at(5),
+        )
+        .await
+        .unwrap();
+    let config = store.load_project_config(owner.id).await.unwrap().unwrap();
+    assert_eq!(
+        config.flags.evaluate("new-nav", &context, 0).variant,
+        Some("on")
+    );
+    assert_eq!(
+        config
+            .flag_entries
+            .iter()
+            .find(|entry| entry.key == "new-nav")
+            .unwrap()
+            .version,
+        4
+    );
+    assert!(store.latest_config_seq().await.unwrap() >= 4);
 }
