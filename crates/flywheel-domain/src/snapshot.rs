@@ -107,6 +107,10 @@ impl DecisionSnapshot {
         self.projects.get(&id)
     }
 
+    pub fn project_ids(&self) -> impl Iterator<Item = ProjectId> + '_ {
+        self.projects.keys().copied()
+    }
+
     pub fn project_count(&self) -> usize {
         self.projects.len()
     }

@@ -83,6 +83,9 @@ struct CompiledFlag {
     variants: Vec<(String, Value)>,
     default_variant: Option<usize>,
     targeting: Option<Logic>,
+    /// The rule buckets by `targetingKey` (an implicit `fractional`) or
+    /// reads it, so a context without one cannot be evaluated as meant.
+    needs_targeting_key: bool,
     metadata: Map<String, Value>,
 }
 
@@ -91,6 +94,9 @@ struct CompiledFlag {
 #[derive(Debug)]
 pub struct CompiledFlagSet {
     document: FlagDocument,
+    /// A strong entity tag of the document: equal documents, equal tags, on
+    /// every node.
+    etag: String,
     /// Sorted by key, so bulk evaluation answers in a stable order.
     flags: Vec<CompiledFlag>,
     index: HashMap<String, usize>,
@@ -128,13 +134,14 @@ impl CompiledFlagSet {
         let mut flags = Vec::with_capacity(document.flags.len());
         for (key, flag) in &document.flags {
             let at = format!("/flags/{}", escape_pointer(key));
-            let targeting = match &flag.targeting {
+            let (targeting, needs_targeting_key) = match &flag.targeting {
                 Some(rule) => {
                     let at = format!("{at}/targeting");
                     let expanded = expand_refs(rule, &document.evaluators, &at)?;
-                    Some(compile_rule(&expanded, &at)?)
+                    let needs = uses_targeting_key(&expanded);
+                    (Some(compile_rule(&expanded, &at)?), needs)
                 }
-                None => None,
+                None => (None, false),
             };
             let variants: Vec<(String, Value)> = flag
                 .variants
@@ -153,6 +160,7 @@ impl CompiledFlagSet {
                 variants,
                 default_variant,
                 targeting,
+                needs_targeting_key,
                 metadata,
             });
         }
@@ -161,8 +169,18 @@ impl CompiledFlagSet {
             .enumerate()
             .map(|(position, flag)| (flag.key.clone(), position))
             .collect();
+        let etag = {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(document.to_json().to_string().as_bytes());
+            let hex: String = digest[..12]
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect();
+            format!("\"{hex}\"")
+        };
         Ok(Self {
             document,
+            etag,
             flags,
             index,
         })
@@ -173,12 +191,24 @@ impl CompiledFlagSet {
         &self.document
     }
 
+    /// The quoted entity tag of the whole flag set (for `ETag` headers).
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
     pub fn len(&self) -> usize {
         self.flags.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.flags.is_empty()
+    }
+
+    /// True when the flag's targeting buckets by or reads `targetingKey`.
+    pub fn needs_targeting_key(&self, key: &str) -> bool {
+        self.index
+            .get(key)
+            .is_some_and(|&position| self.flags[position].needs_targeting_key)
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -403,6 +433,24 @@ fn mirror<'a>(value: &'a Value, arena: &'a Bump) -> DataValue<'a> {
             arena.alloc_slice_fill_iter(items.iter().map(|item| mirror(item, arena))),
         ),
         Value::Object(object) => DataValue::Object(mirror_object(object, arena)),
+    }
+}
+
+fn uses_targeting_key(rule: &Value) -> bool {
+    match rule {
+        Value::Object(object) => object.iter().any(|(name, args)| {
+            let implicit_fractional = name == "fractional"
+                && args
+                    .as_array()
+                    .and_then(|args| args.first())
+                    .is_some_and(Value::is_array);
+            let reads_key = name == "var"
+                && (args == "targetingKey"
+                    || args.get(0).is_some_and(|path| path == "targetingKey"));
+            implicit_fractional || reads_key || uses_targeting_key(args)
+        }),
+        Value::Array(items) => items.iter().any(uses_targeting_key),
+        _ => false,
     }
 }
 

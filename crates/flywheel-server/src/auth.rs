@@ -59,10 +59,20 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authenticated<S> {
     }
 }
 
-/// The key from `Authorization: Bearer <key>`, if the header is there.
+/// The key from `Authorization: Bearer <key>`, or else from `X-API-Key`
+/// (OFREP's second scheme), if either header is there.
 fn bearer_token(parts: &Parts) -> Result<Option<&str>, ApiError> {
     let Some(header) = parts.headers.get(AUTHORIZATION) else {
-        return Ok(None);
+        return match parts.headers.get("x-api-key") {
+            None => Ok(None),
+            Some(value) => value.to_str().map(|key| Some(key.trim())).map_err(|_| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_api_key_header",
+                    "the X-API-Key header must be visible ASCII",
+                )
+            }),
+        };
     };
     let invalid = || {
         ApiError::new(

@@ -117,6 +117,9 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         metrics,
         committer,
         rate_limiter: Arc::new(ingest::RateLimiter::new(settings.ingest.rate_limit_per_key)),
+        evaluation_rate_limiter: Arc::new(ingest::RateLimiter::new(
+            settings.flags.rate_limit_per_key,
+        )),
         ingest: Arc::new(settings.ingest.clone()),
     };
     let listener = TcpListener::bind(settings.bind)

@@ -36,6 +36,19 @@ use crate::routes;
         routes::privacy::delete_schema,
         routes::privacy::list_violations,
         routes::privacy::delete_user,
+        routes::flags::list_flags,
+        routes::flags::create_flag,
+        routes::flags::get_flag,
+        routes::flags::put_flag,
+        routes::flags::delete_flag,
+        routes::flags::flag_versions,
+        routes::flags::restore_flag,
+        routes::flags::export_document,
+        routes::flags::import_document,
+        routes::flags::snapshot,
+        routes::flags::stream,
+        routes::ofrep::evaluate_flag,
+        routes::ofrep::evaluate_flags,
     ),
     components(schemas(
         crate::error::ErrorEnvelope,
@@ -49,6 +62,8 @@ use crate::routes;
         (name = "keys", description = "API key management (secret keys)"),
         (name = "events", description = "Event ingestion (native, Segment, PostHog) and inspection"),
         (name = "privacy", description = "Consent, IP and PII settings, event schemas, deleting a person"),
+        (name = "flags", description = "Feature flags in flagd's format: admin, versions, snapshot, live stream"),
+        (name = "ofrep", description = "OpenFeature Remote Evaluation Protocol"),
     )
 )]
 pub struct ApiDoc;

@@ -32,6 +32,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub snapshot: SnapshotSettings,
     pub ingest: IngestSettings,
+    pub flags: FlagSettings,
 }
 
 impl Default for Settings {
@@ -45,6 +46,7 @@ impl Default for Settings {
             store: StoreSettings::default(),
             snapshot: SnapshotSettings::default(),
             ingest: IngestSettings::default(),
+            flags: FlagSettings::default(),
         }
     }
 }
@@ -144,6 +146,21 @@ impl Default for IngestSettings {
             max_batch_bytes: 500 * 1024,
             rate_limit_per_key: 1000,
             group_commit_max_events: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagSettings {
+    /// OFREP evaluation requests per second one key may make.
+    pub rate_limit_per_key: u32,
+}
+
+impl Default for FlagSettings {
+    fn default() -> Self {
+        Self {
+            rate_limit_per_key: 100_000,
         }
     }
 }

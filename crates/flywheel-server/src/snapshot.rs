@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use flywheel_domain::project::ProjectId;
 use flywheel_domain::snapshot::DecisionSnapshot;
 use flywheel_store::{ConfigSignal, Store, StoreError};
-use tokio::sync::Mutex;
+use tokio::sync::{broadcast, Mutex};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug)]
@@ -23,6 +23,16 @@ pub struct SnapshotCache {
     store: Arc<dyn Store>,
     /// The last `config_changes` sequence number applied (SQLite polling).
     applied_seq: Mutex<i64>,
+    /// Announces a project whose flag set changed, with the new set's ETag,
+    /// to live-update streams.
+    flag_changes: broadcast::Sender<FlagSetChanged>,
+}
+
+/// A project's flags changed; `etag` is the new flag set's tag.
+#[derive(Debug, Clone)]
+pub struct FlagSetChanged {
+    pub project: ProjectId,
+    pub etag: String,
 }
 
 impl SnapshotCache {
@@ -35,6 +45,7 @@ impl SnapshotCache {
             current: ArcSwap::from_pointee(snapshot),
             store,
             applied_seq: Mutex::new(cursor),
+            flag_changes: broadcast::channel(256).0,
         })
     }
 
@@ -50,12 +61,42 @@ impl SnapshotCache {
         self.reload_locked(project).await
     }
 
+    /// Subscribes to flag-set changes (applied snapshots only).
+    pub fn subscribe_flag_changes(&self) -> broadcast::Receiver<FlagSetChanged> {
+        self.flag_changes.subscribe()
+    }
+
     async fn reload_locked(&self, project: ProjectId) -> Result<(), StoreError> {
         let config = self.store.load_project_config(project).await?;
-        let next = self.current.load().with_project(project, config);
+        let previous = self.current.load_full();
+        let next = previous.with_project(project, config);
+        self.announce_flag_changes(&previous, &next, Some(project));
         self.current.store(Arc::new(next));
         metrics::counter!("flywheel_snapshot_reloads_total", "scope" => "project").increment(1);
         Ok(())
+    }
+
+    fn announce_flag_changes(
+        &self,
+        before: &DecisionSnapshot,
+        after: &DecisionSnapshot,
+        only: Option<ProjectId>,
+    ) {
+        let projects: Vec<ProjectId> = match only {
+            Some(project) => vec![project],
+            None => after.project_ids().collect(),
+        };
+        for project in projects {
+            let old = before.project(project).map(|config| config.flags.etag());
+            let new = after.project(project).map(|config| config.flags.etag());
+            if let (Some(new), true) = (new, old != new) {
+                // No receivers is fine: nobody is streaming.
+                let _ = self.flag_changes.send(FlagSetChanged {
+                    project,
+                    etag: new.to_string(),
+                });
+            }
+        }
     }
 
     /// Re-reads everything (after a lost change notification).
@@ -63,6 +104,7 @@ impl SnapshotCache {
         let mut applied = self.applied_seq.lock().await;
         let cursor = self.store.latest_config_seq().await?;
         let snapshot = DecisionSnapshot::from_configs(self.store.load_all_project_configs().await?);
+        self.announce_flag_changes(&self.current.load_full(), &snapshot, None);
         self.current.store(Arc::new(snapshot));
         *applied = cursor;
         metrics::counter!("flywheel_snapshot_reloads_total", "scope" => "all").increment(1);

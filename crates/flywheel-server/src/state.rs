@@ -18,6 +18,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub committer: Committer,
     pub rate_limiter: Arc<RateLimiter>,
+    /// Per-key limit on OFREP evaluation requests.
+    pub evaluation_rate_limiter: Arc<RateLimiter>,
     pub ingest: Arc<IngestSettings>,
 }
 

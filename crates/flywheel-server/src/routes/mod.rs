@@ -8,8 +8,10 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub mod events;
+pub mod flags;
 pub mod health;
 pub mod keys;
+pub mod ofrep;
 pub mod privacy;
 pub mod project;
 
@@ -21,6 +23,8 @@ pub fn router() -> Router<AppState> {
         .merge(keys::router())
         .merge(events::router())
         .merge(privacy::router())
+        .merge(flags::router())
+        .merge(ofrep::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

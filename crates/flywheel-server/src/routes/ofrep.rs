@@ -1,0 +1,347 @@
+//! OpenFeature Remote Evaluation Protocol (OFREP): single and bulk
+//! evaluation of the project's flags, for any OFREP provider. Publishable
+//! keys may call it, as `Authorization: Bearer <key>` or `X-API-Key`.
+//!
+//! A disabled flag answers `DISABLED` with no value, and a flag without a
+//! default variant whose targeting picked nothing answers `DEFAULT` with no
+//! value: in both cases the caller's code default applies. A kill switch
+//! that must serve a known value is an enabled flag serving its "off"
+//! variant.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::header::{ETAG, IF_NONE_MATCH};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use flywheel_domain::snapshot::Principal;
+use flywheel_flags::{EvaluationContext, Reason, Resolution, ResolutionErrorCode};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use crate::auth::AnyKey;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ofrep/v1/evaluate/flags/{key}", post(evaluate_flag))
+        .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
+}
+
+/// One flag's evaluation, as OFREP's `evaluationSuccess`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OfrepSuccess {
+    key: String,
+    /// Absent: use the code default (disabled flag, or no default variant).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    value: Option<Value>,
+    /// `STATIC`, `TARGETING_MATCH`, `DEFAULT` or `DISABLED`.
+    reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<String>,
+    /// Flag-set metadata overlaid with the flag's; scalar values only.
+    #[schema(value_type = Object)]
+    metadata: Map<String, Value>,
+}
+
+/// OFREP's `evaluationFailure` (also inline in bulk answers).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OfrepFailure {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    /// `FLAG_NOT_FOUND`, `PARSE_ERROR`, `TARGETING_KEY_MISSING`,
+    /// `INVALID_CONTEXT` or `GENERAL`.
+    #[serde(rename = "errorCode")]
+    error_code: &'static str,
+    #[serde(rename = "errorDetails")]
+    error_details: String,
+}
+
+/// OFREP's bulk answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OfrepBulk {
+    /// Every flag of the project, successes and failures, by key.
+    #[schema(value_type = Vec<Object>)]
+    flags: Vec<Value>,
+    /// Where to hear about changes: this server's SSE stream.
+    #[serde(rename = "eventStreams")]
+    #[schema(value_type = Vec<Object>)]
+    event_streams: Vec<Value>,
+    #[schema(value_type = Object)]
+    metadata: Map<String, Value>,
+}
+
+fn failure(
+    status: StatusCode,
+    key: Option<&str>,
+    code: &'static str,
+    details: impl Into<String>,
+) -> Response {
+    let body = OfrepFailure {
+        key: key.map(str::to_owned),
+        error_code: code,
+        error_details: details.into(),
+    };
+    (status, Json(body)).into_response()
+}
+
+fn code_name(code: ResolutionErrorCode) -> &'static str {
+    match code {
+        ResolutionErrorCode::FlagNotFound => "FLAG_NOT_FOUND",
+        ResolutionErrorCode::ParseError => "PARSE_ERROR",
+        ResolutionErrorCode::TargetingKeyMissing => "TARGETING_KEY_MISSING",
+        ResolutionErrorCode::InvalidContext => "INVALID_CONTEXT",
+        ResolutionErrorCode::TypeMismatch => "TYPE_MISMATCH",
+        ResolutionErrorCode::General => "GENERAL",
+    }
+}
+
+fn reason_name(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Static => "STATIC",
+        Reason::TargetingMatch => "TARGETING_MATCH",
+        Reason::Default => "DEFAULT",
+        Reason::Disabled => "DISABLED",
+        Reason::Error => "ERROR",
+    }
+}
+
+/// OFREP metadata holds booleans, strings and numbers only.
+fn scalar_metadata(metadata: &Map<String, Value>) -> Map<String, Value> {
+    metadata
+        .iter()
+        .filter(|(_, value)| matches!(value, Value::Bool(_) | Value::String(_) | Value::Number(_)))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// Reads `{"context": {...}}` leniently, as real providers send it: a missing
+/// body or `context` is an empty context.
+fn parse_context(body: &Bytes) -> Result<EvaluationContext, (&'static str, String)> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|error| ("PARSE_ERROR", format!("the body is not JSON: {error}")))?;
+    let context = match request {
+        Value::Object(mut object) => object
+            .remove("context")
+            .unwrap_or(Value::Object(Map::new())),
+        _ => {
+            return Err((
+                "INVALID_CONTEXT",
+                "the body must be an object with `context`".into(),
+            ))
+        }
+    };
+    let Value::Object(context) = context else {
+        return Err(("INVALID_CONTEXT", "`context` must be an object".into()));
+    };
+    if let Some(key) = context.get("targetingKey") {
+        if !key.is_string() {
+            return Err(("INVALID_CONTEXT", "`targetingKey` must be a string".into()));
+        }
+    }
+    Ok(context)
+}
+
+fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
+    let retry_after = state
+        .evaluation_rate_limiter
+        .check(principal.key_id, Instant::now())
+        .err()?;
+    let mut error = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many evaluation requests for this key",
+    );
+    error.retry_after = Some(retry_after.as_secs().max(1));
+    Some(error.into_response())
+}
+
+fn success_json(resolution: &Resolution<'_>) -> OfrepSuccess {
+    OfrepSuccess {
+        key: resolution.key.to_owned(),
+        value: resolution.value.cloned(),
+        reason: reason_name(resolution.reason),
+        variant: resolution.variant.map(str::to_owned),
+        metadata: scalar_metadata(resolution.metadata),
+    }
+}
+
+/// Evaluates one flag for the context (`{"context": {"targetingKey": …, …}}`).
+/// Values the caller sends are the whole context; `$flagd.flagKey` and
+/// `$flagd.timestamp` are added by the server.
+#[utoipa::path(post, path = "/ofrep/v1/evaluate/flags/{key}", tag = "ofrep",
+    security(("api_key" = [])),
+    params(("key" = String, Path, description = "Flag key")),
+    request_body(content = Object, description = "`{\"context\": {\"targetingKey\": …}}`"),
+    responses(
+        (status = 200, description = "The evaluation", body = OfrepSuccess),
+        (status = 400, description = "PARSE_ERROR, INVALID_CONTEXT, TARGETING_KEY_MISSING or GENERAL", body = OfrepFailure),
+        (status = 404, description = "FLAG_NOT_FOUND", body = OfrepFailure),
+        (status = 401, description = "Missing, unknown or revoked key"),
+        (status = 429, description = "Over the per-key rate; see Retry-After (seconds)"),
+    ))]
+pub async fn evaluate_flag(
+    State(state): State<AppState>,
+    auth: AnyKey,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(limited) = rate_limited(&state, &auth.principal) {
+        return limited;
+    }
+    let context = match parse_context(&body) {
+        Ok(context) => context,
+        Err((code, details)) => return failure(StatusCode::BAD_REQUEST, Some(&key), code, details),
+    };
+    let flags = &auth.principal.project.flags;
+    if flags.needs_targeting_key(&key) && !has_targeting_key(&context) {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            Some(&key),
+            "TARGETING_KEY_MISSING",
+            format!("flag `{key}` buckets by targetingKey, and the context has none"),
+        );
+    }
+    let resolution = flags.evaluate(&key, &context, state.clock.now().timestamp());
+    match &resolution.error {
+        None => Json(success_json(&resolution)).into_response(),
+        Some(error) if error.code == ResolutionErrorCode::FlagNotFound => failure(
+            StatusCode::NOT_FOUND,
+            Some(&key),
+            "FLAG_NOT_FOUND",
+            format!("flag `{key}` was not found"),
+        ),
+        Some(error) => failure(
+            StatusCode::BAD_REQUEST,
+            Some(&key),
+            code_name(error.code),
+            error.message.to_string(),
+        ),
+    }
+}
+
+fn has_targeting_key(context: &EvaluationContext) -> bool {
+    context
+        .get("targetingKey")
+        .and_then(Value::as_str)
+        .is_some_and(|key| !key.is_empty())
+}
+
+/// Evaluates every flag of the project for one context. The answer carries a
+/// strong `ETag` over its body: send it back as `If-None-Match` and an
+/// unchanged answer is a bodiless 304. `eventStreams` points at this
+/// server's change stream (`/v1/flags/stream`).
+#[utoipa::path(post, path = "/ofrep/v1/evaluate/flags", tag = "ofrep",
+    security(("api_key" = [])),
+    request_body(content = Object, description = "`{\"context\": {\"targetingKey\": …}}`"),
+    responses(
+        (status = 200, description = "Every flag's evaluation", body = OfrepBulk,
+         headers(("ETag" = String, description = "Tag of this answer"))),
+        (status = 304, description = "Unchanged since the tag in If-None-Match"),
+        (status = 400, description = "PARSE_ERROR or INVALID_CONTEXT", body = OfrepFailure),
+        (status = 401, description = "Missing, unknown or revoked key"),
+        (status = 429, description = "Over the per-key rate; see Retry-After (seconds)"),
+    ))]
+pub async fn evaluate_flags(
+    State(state): State<AppState>,
+    auth: AnyKey,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(limited) = rate_limited(&state, &auth.principal) {
+        return limited;
+    }
+    let context = match parse_context(&body) {
+        Ok(context) => context,
+        Err((code, details)) => return failure(StatusCode::BAD_REQUEST, None, code, details),
+    };
+    let flags = &auth.principal.project.flags;
+    let targeting_key = has_targeting_key(&context);
+    let mut results = Vec::with_capacity(flags.len());
+    flags.evaluate_all(&context, state.clock.now().timestamp(), |resolution| {
+        let item = if !targeting_key && flags.needs_targeting_key(resolution.key) {
+            serde_json::json!({"key": resolution.key, "errorCode": "TARGETING_KEY_MISSING",
+                               "errorDetails": "this flag buckets by targetingKey, and the context has none"})
+        } else {
+            match &resolution.error {
+                None => serde_json::to_value(success_json(&resolution)).expect("serializes"),
+                Some(error) => serde_json::json!({"key": resolution.key, "errorCode": code_name(error.code),
+                                                  "errorDetails": error.message}),
+            }
+        };
+        results.push(item);
+    });
+    let mut stream_uri = String::from("/v1/flags/stream");
+    if let Some(publishable) = publishable_key(&headers, &auth.principal) {
+        // A browser's EventSource cannot send headers; a publishable key is
+        // public by design, a secret key never goes into a URL.
+        stream_uri.push_str("?key=");
+        stream_uri.push_str(publishable);
+    }
+    let answer = OfrepBulk {
+        flags: results,
+        event_streams: vec![
+            serde_json::json!({"type": "sse", "endpoint": {"requestUri": stream_uri}}),
+        ],
+        metadata: scalar_metadata(&flags.document().metadata),
+    };
+    let body = serde_json::to_vec(&answer).expect("serializes");
+    let etag = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&body);
+        let hex: String = digest[..12]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        format!("\"{hex}\"")
+    };
+    let etag_header = HeaderValue::from_str(&etag).expect("hex is a valid header");
+    let unchanged = headers
+        .get(IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(',')
+                .any(|tag| tag.trim().trim_start_matches("W/") == etag)
+        });
+    if unchanged {
+        return (StatusCode::NOT_MODIFIED, [(ETAG, etag_header)]).into_response();
+    }
+    (
+        [
+            (ETAG, etag_header),
+            (
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn publishable_key<'h>(headers: &'h HeaderMap, principal: &Principal) -> Option<&'h str> {
+    use flywheel_domain::keys::KeyKind;
+    if principal.key_kind != KeyKind::Publishable {
+        return None;
+    }
+    let from_bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().split_once(' '))
+        .map(|(_, key)| key.trim());
+    from_bearer.or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|value| value.to_str().ok())
+    })
+}

@@ -1,0 +1,549 @@
+//! Feature flags through the real server on both backends: administration,
+//! versions and restore, import/export, the local-evaluation snapshot, the
+//! live stream, and OFREP evaluation.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_client::Client;
+use flywheel_domain::clock::SystemClock;
+use flywheel_server::RunningServer;
+use flywheel_store::testing::TestDatabase;
+use flywheel_store::Backend;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+flywheel_store::for_each_backend!(
+    flags_are_created_changed_versioned_restored_and_deleted,
+    documents_import_and_export_with_replace_or_merge,
+    ofrep_evaluates_single_flags_with_reasons_and_errors,
+    ofrep_bulk_answers_every_flag_with_an_etag,
+    snapshot_and_stream_follow_changes,
+);
+
+struct App {
+    server: RunningServer,
+    _db: TestDatabase,
+    secret: Client,
+    publishable: Client,
+    publishable_key: String,
+}
+
+async fn spawn(backend: Backend) -> App {
+    let db = TestDatabase::create(backend).await;
+    let started = common::start(common::test_settings(&db), Arc::new(SystemClock)).await;
+    App {
+        secret: started.secret,
+        publishable: started.publishable,
+        publishable_key: started.publishable_key.unwrap(),
+        server: started.server,
+        _db: db,
+    }
+}
+
+async fn call(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = client.request(method, path);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+fn pro_flag() -> Value {
+    json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+           "targeting": {"if": [{"in": [{"var": "plan"}, ["pro", "team"]]}, "on", null]},
+           "metadata": {"owner": "growth"}})
+}
+
+async fn flags_are_created_changed_versioned_restored_and_deleted(backend: Backend) {
+    let app = spawn(backend).await;
+    let (status, body) = call(
+        &app.secret,
+        Method::POST,
+        "/v1/flags",
+        Some(json!({"key": "rollout", "enabled": true, "rollout_percentage": 30})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        body["definition"]["targeting"],
+        json!({"fractional": [["on", 30], ["off", 70]]})
+    );
+    assert_eq!(body["version"], 1);
+
+    let (status, body) = call(
+        &app.secret,
+        Method::POST,
+        "/v1/flags",
+        Some(json!({"key": "rollout", "enabled": false})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("flag_exists"))
+    );
+
+    // A bad flag names the JSON path at fault.
+    let mut bad = pro_flag();
+    bad["variants"]["off"] = json!("no");
+    let (status, body) = call(&app.secret, Method::PUT, "/v1/flags/pro", Some(bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "flag_schema_violation");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/variants/"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/pro",
+        Some(json!({"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "nope"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unknown_default_variant"))
+    );
+
+    let (status, _) = call(&app.secret, Method::PUT, "/v1/flags/pro", Some(pro_flag())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut changed = pro_flag();
+    changed["defaultVariant"] = json!("on");
+    let (status, body) = call(&app.secret, Method::PUT, "/v1/flags/pro", Some(changed)).await;
+    assert_eq!(
+        (status, body["version"].as_i64()),
+        (StatusCode::OK, Some(2))
+    );
+    // The same definition again is no new version.
+    let (_, body) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/pro",
+        Some(body["definition"].clone()),
+    )
+    .await;
+    assert_eq!(body["version"], 2);
+
+    let (_, list) = call(&app.secret, Method::GET, "/v1/flags", None).await;
+    let keys: Vec<&str> = list["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|flag| flag["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["pro", "rollout"]);
+
+    let (status, _) = call(&app.secret, Method::DELETE, "/v1/flags/pro", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = call(&app.secret, Method::GET, "/v1/flags/pro", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("flag_not_found"))
+    );
+
+    let (_, history) = call(&app.secret, Method::GET, "/v1/flags/pro/versions", None).await;
+    let versions = history["versions"].as_array().unwrap();
+    let actions: Vec<&str> = versions
+        .iter()
+        .map(|version| version["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["created", "updated", "deleted"]);
+    assert!(versions[1]["actor"].as_str().unwrap().starts_with("key:"));
+    assert_eq!(
+        versions[1]["changes"],
+        json!([{"path": "/defaultVariant", "before": "off", "after": "on"}])
+    );
+
+    let (status, body) = call(
+        &app.secret,
+        Method::POST,
+        "/v1/flags/pro/versions/1/restore",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["version"].as_i64()),
+        (StatusCode::OK, Some(4)),
+        "{body}"
+    );
+    assert_eq!(body["definition"]["defaultVariant"], "off");
+    let (status, _) = call(
+        &app.secret,
+        Method::POST,
+        "/v1/flags/pro/versions/9/restore",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Administration is for secret keys only.
+    let (status, _) = call(&app.publishable, Method::GET, "/v1/flags", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+async fn documents_import_and_export_with_replace_or_merge(backend: Backend) {
+    let app = spawn(backend).await;
+    call(&app.secret, Method::PUT, "/v1/flags/old", Some(pro_flag())).await;
+    let document = json!({
+        "flags": [
+            {"key": "nav", "state": "ENABLED", "variants": {"a": "classic", "b": "new"}, "defaultVariant": "a",
+             "targeting": {"if": [{"$ref": "paying"}, "b", null]}},
+            {"key": "banner", "enabled": true, "rollout_percentage": 10}
+        ],
+        "$evaluators": {"paying": {"in": [{"var": "plan"}, ["pro", "team"]]}},
+        "metadata": {"flagSetId": "web", "version": "7"}
+    });
+    let (status, summary) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/document?mode=merge",
+        Some(document.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["created"], json!(["banner", "nav"]));
+    let (_, exported) = call(&app.secret, Method::GET, "/v1/flags/document", None).await;
+    assert_eq!(
+        exported["flags"].as_object().unwrap().len(),
+        3,
+        "merge keeps `old`"
+    );
+    assert_eq!(exported["metadata"]["flagSetId"], "web");
+    assert_eq!(
+        exported["$evaluators"]["paying"],
+        document["$evaluators"]["paying"]
+    );
+
+    // Replacing with the export of a different set deletes what it lacks;
+    // importing the same again changes nothing.
+    let (_, summary) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/document",
+        Some(document.clone()),
+    )
+    .await;
+    assert_eq!(summary["deleted"], json!(["old"]));
+    assert_eq!(summary["unchanged"], 2);
+    let (_, summary) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/document",
+        Some(document),
+    )
+    .await;
+    assert_eq!(
+        (
+            summary["created"].as_array().unwrap().len(),
+            summary["unchanged"].as_i64()
+        ),
+        (0, Some(2))
+    );
+
+    let (status, body) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/document",
+        Some(
+            json!({"flags": {"x": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a",
+                    "targeting": {"if": [{"$ref": "nope"}, "a", null]}}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "unknown_evaluator");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/flags/x/targeting/if/0"),
+        "{body}"
+    );
+    let (status, _) = call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/document?mode=sideways",
+        Some(json!({"flags": {}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+async fn ofrep_evaluates_single_flags_with_reasons_and_errors(backend: Backend) {
+    let app = spawn(backend).await;
+    call(&app.secret, Method::PUT, "/v1/flags/pro", Some(pro_flag())).await;
+    call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/static",
+        Some(json!({"state": "ENABLED", "variants": {"blue": "#00f"}, "defaultVariant": "blue"})),
+    )
+    .await;
+    call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/killed",
+        Some(json!({"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"})),
+    )
+    .await;
+    call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/rollout",
+        Some(json!({"rollout_percentage": 50})),
+    )
+    .await;
+
+    let evaluate = |key: &str, body: Value| {
+        let request = app
+            .publishable
+            .request(Method::POST, &format!("/ofrep/v1/evaluate/flags/{key}"))
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = evaluate(
+        "pro",
+        json!({"context": {"targetingKey": "u1", "plan": "team"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"key": "pro", "value": true, "reason": "TARGETING_MATCH", "variant": "on", "metadata": {"owner": "growth"}})
+    );
+    let (_, body) = evaluate(
+        "pro",
+        json!({"context": {"targetingKey": "u1", "plan": "free"}}),
+    )
+    .await;
+    assert_eq!(
+        (body["value"].clone(), body["reason"].as_str()),
+        (json!(false), Some("DEFAULT"))
+    );
+    let (_, body) = evaluate("static", json!({})).await;
+    assert_eq!(
+        (body["value"].as_str(), body["reason"].as_str()),
+        (Some("#00f"), Some("STATIC"))
+    );
+    let (status, body) = evaluate("killed", json!({"context": {"targetingKey": "u1"}})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["reason"], "DISABLED");
+    assert!(
+        body.get("value").is_none(),
+        "a disabled flag has no value: {body}"
+    );
+
+    let (status, body) = evaluate("nope", json!({"context": {}})).await;
+    assert_eq!(
+        (status, body["errorCode"].as_str(), body["key"].as_str()),
+        (StatusCode::NOT_FOUND, Some("FLAG_NOT_FOUND"), Some("nope"))
+    );
+    let (status, body) = evaluate("rollout", json!({"context": {"plan": "pro"}})).await;
+    assert_eq!(
+        (status, body["errorCode"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("TARGETING_KEY_MISSING"))
+    );
+    let (status, body) = evaluate("pro", json!({"context": {"targetingKey": 42}})).await;
+    assert_eq!(
+        (status, body["errorCode"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_CONTEXT"))
+    );
+    let response = app
+        .publishable
+        .request(Method::POST, "/ofrep/v1/evaluate/flags/pro")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["errorCode"],
+        "PARSE_ERROR"
+    );
+
+    // X-API-Key works as well as Bearer; no key is a 401.
+    let plain = reqwest::Client::new();
+    let url = format!("{}/ofrep/v1/evaluate/flags/static", app.server.base_url());
+    let response = plain
+        .post(&url)
+        .header("X-API-Key", &app.publishable_key)
+        .json(&json!({"context": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = plain
+        .post(&url)
+        .json(&json!({"context": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+async fn ofrep_bulk_answers_every_flag_with_an_etag(backend: Backend) {
+    let app = spawn(backend).await;
+    call(&app.secret, Method::PUT, "/v1/flags/pro", Some(pro_flag())).await;
+    call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/killed",
+        Some(json!({"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"})),
+    )
+    .await;
+    let bulk = |etag: Option<String>| {
+        let mut request = app
+            .publishable
+            .request(Method::POST, "/ofrep/v1/evaluate/flags")
+            .json(&json!({"context": {"targetingKey": "u1", "plan": "pro"}}));
+        if let Some(etag) = etag {
+            request = request.header("If-None-Match", etag);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let etag = response
+                .headers()
+                .get("etag")
+                .map(|value| value.to_str().unwrap().to_string());
+            (
+                status,
+                etag,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, etag, body) = bulk(None).await;
+    assert_eq!(status, StatusCode::OK);
+    let flags = body["flags"].as_array().unwrap();
+    assert_eq!(flags.len(), 2);
+    assert_eq!(
+        (flags[0]["key"].as_str(), flags[0]["reason"].as_str()),
+        (Some("killed"), Some("DISABLED"))
+    );
+    assert_eq!(
+        (flags[1]["key"].as_str(), flags[1]["value"].clone()),
+        (Some("pro"), json!(true))
+    );
+    let stream = &body["eventStreams"][0];
+    assert_eq!(stream["type"], "sse");
+    assert!(stream["endpoint"]["requestUri"]
+        .as_str()
+        .unwrap()
+        .starts_with("/v1/flags/stream?key=pk_"));
+
+    let etag = etag.expect("an ETag");
+    let (status, _, _) = bulk(Some(etag.clone())).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    let mut changed = pro_flag();
+    changed["targeting"] = json!({"if": [false, "on", null]});
+    call(&app.secret, Method::PUT, "/v1/flags/pro", Some(changed)).await;
+    let (status, new_etag, body) = bulk(Some(etag.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(new_etag.unwrap(), etag);
+    assert_eq!(body["flags"][1]["value"], json!(false));
+}
+
+async fn snapshot_and_stream_follow_changes(backend: Backend) {
+    let app = spawn(backend).await;
+    call(&app.secret, Method::PUT, "/v1/flags/pro", Some(pro_flag())).await;
+    let response = app
+        .publishable
+        .request(Method::GET, "/v1/flags/snapshot")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let etag = response.headers()["etag"].to_str().unwrap().to_string();
+    let document: Value = response.json().await.unwrap();
+    assert_eq!(document["flags"]["pro"]["defaultVariant"], "off");
+    let response = app
+        .publishable
+        .request(Method::GET, "/v1/flags/snapshot")
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+
+    // The stream takes the key in the query, as a browser's EventSource must.
+    let url = format!(
+        "{}/v1/flags/stream?key={}",
+        app.server.base_url(),
+        app.publishable_key
+    );
+    let response = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut response = response;
+    let mut seen = String::new();
+    let first = next_event(&mut response, &mut seen).await;
+    assert!(
+        first.contains("event: message") && first.contains("refetchEvaluation"),
+        "{first}"
+    );
+    assert!(first.contains(&etag.replace('"', "\\\"")), "{first}");
+
+    call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/pro",
+        Some(json!({"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"})),
+    )
+    .await;
+    let change = next_event(&mut response, &mut seen).await;
+    assert!(
+        change.contains("refetchEvaluation") && !change.contains(&etag.replace('"', "\\\"")),
+        "{change}"
+    );
+
+    let (status, _) = call(
+        &Client::new(app.server.base_url()),
+        Method::GET,
+        "/v1/flags/stream",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// The next server-sent event with data, waiting at most 10 s (a hang, not
+/// a latency check).
+async fn next_event(response: &mut reqwest::Response, seen: &mut String) -> String {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(end) = seen.find("\n\n") {
+                let event: String = seen.drain(..end + 2).collect();
+                if event.contains("data:") {
+                    return event;
+                }
+                continue;
+            }
+            let chunk = response
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    })
+    .await
+    .expect("an event arrives")
+}
