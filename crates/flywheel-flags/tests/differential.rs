@@ -373,7 +373,7 @@ fn reason_name(reason: Reason) -> &'static str {
 #[test]
 fn flywheel_and_flagd_core_agree_on_generated_flags_and_contexts() {
     let mut generator = Generator {
-        rng: StdRng::seed_from_u64(0x0f1a_6d),
+        rng: StdRng::seed_from_u64(0x000f_1a6d),
     };
     let mut documents = Vec::new();
     let mut cases = Vec::new();

@@ -575,7 +575,7 @@ pub async fn import_document(
     {
         match version.definition {
             None => summary.deleted.push(version.key.clone()),
-            Some(_) if version.version == 1 || current.flags.get(&version.key).is_none() => {
+            Some(_) if version.version == 1 || !current.flags.contains_key(&version.key) => {
                 summary.created.push(version.key.clone())
             }
             Some(_) => summary.updated.push(version.key.clone()),
