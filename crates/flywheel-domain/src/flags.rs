@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flywheel_flags::definition::FlagDefinition;
 use flywheel_flags::{CompiledFlagSet, FlagDocument};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// What an entry of a flag set is.
@@ -110,9 +110,9 @@ pub struct CurrentFlagEntry {
 }
 
 /// Builds the compiled flag set from stored entries. Entries were checked
-/// when written; one that no longer parses (a bug, or a hand-edited
-/// database) is left out and reported, so one bad flag cannot take every
-/// other flag of the project down with it.
+/// when written, so they are only deserialised and compiled here (once); one
+/// that no longer compiles (a bug, or a hand-edited database) is left out
+/// and reported, so it cannot take every other flag of the project down.
 pub fn compile_entries(entries: &[CurrentFlagEntry]) -> (Arc<CompiledFlagSet>, Vec<String>) {
     let mut document = FlagDocument::default();
     let mut problems = Vec::new();
@@ -128,25 +128,66 @@ pub fn compile_entries(entries: &[CurrentFlagEntry]) -> (Arc<CompiledFlagSet>, V
                     document.metadata = metadata.clone();
                 }
             }
-            FlagEntryKind::Flag => {}
+            FlagEntryKind::Flag => match FlagDefinition::deserialize(&entry.definition) {
+                Ok(flag) => {
+                    document.flags.insert(entry.key.clone(), flag);
+                }
+                Err(error) => problems.push(format!("flag `{}`: {error}", entry.key)),
+            },
         }
     }
-    for entry in entries
-        .iter()
-        .filter(|entry| entry.kind == FlagEntryKind::Flag)
-    {
-        match FlagDefinition::from_json(&entry.definition, &document.evaluators) {
-            Ok(flag) => {
-                document.flags.insert(entry.key.clone(), flag);
-            }
-            Err(error) => problems.push(format!("flag `{}`: {error}", entry.key)),
+    let (set, errors) = CompiledFlagSet::compile_lenient(document);
+    problems.extend(errors.iter().map(ToString::to_string));
+    (Arc::new(set), problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    fn entry(kind: FlagEntryKind, key: &str, definition: Value) -> CurrentFlagEntry {
+        CurrentFlagEntry {
+            kind,
+            key: key.into(),
+            version: 1,
+            definition,
+            updated_at: Utc.timestamp_opt(0, 0).unwrap(),
         }
     }
-    match CompiledFlagSet::compile(document) {
-        Ok(set) => (Arc::new(set), problems),
-        Err(error) => {
-            problems.push(error.to_string());
-            (Arc::new(CompiledFlagSet::default()), problems)
-        }
+
+    #[test]
+    fn a_bad_stored_flag_is_left_out_and_reported_the_rest_compile() {
+        let entries = [
+            entry(
+                FlagEntryKind::Evaluator,
+                "pro",
+                json!({"==": [{"var": "plan"}, "pro"]}),
+            ),
+            entry(FlagEntryKind::Set, "", json!({"flagSetId": "web"})),
+            entry(
+                FlagEntryKind::Flag,
+                "good",
+                json!({"state": "ENABLED", "variants": {"on": true},
+                "defaultVariant": "on", "targeting": {"if": [{"$ref": "pro"}, "on", null]}}),
+            ),
+            entry(
+                FlagEntryKind::Flag,
+                "dangling",
+                json!({"state": "ENABLED", "variants": {"on": true},
+                "targeting": {"if": [{"$ref": "gone"}, "on", null]}}),
+            ),
+            entry(FlagEntryKind::Flag, "garbled", json!({"state": "MAYBE"})),
+        ];
+        let (set, problems) = compile_entries(&entries);
+        assert!(set.contains("good"));
+        assert!(!set.contains("dangling") && !set.contains("garbled"));
+        assert_eq!(set.document().metadata["flagSetId"], "web");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|problem| problem.contains("garbled")));
+        assert!(problems
+            .iter()
+            .any(|problem| problem.contains("unknown_evaluator")));
     }
 }

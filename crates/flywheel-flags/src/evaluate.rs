@@ -18,15 +18,13 @@ use std::sync::OnceLock;
 use datalogic_rs::bumpalo::Bump;
 use datalogic_rs::datavalue::NumberValue;
 use datalogic_rs::{DataValue, Engine, Logic};
-use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::definition::{escape_pointer, FlagDocument, FlagState};
+use crate::definition::{escape_pointer, FlagDefinition, FlagDocument, FlagState};
 use crate::FlagError;
 
 /// Why a flag resolved as it did (OpenFeature's standard reasons).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// No targeting: the default variant, always.
     Static,
@@ -41,9 +39,21 @@ pub enum Reason {
     Error,
 }
 
+impl Reason {
+    /// The reason as OpenFeature and OFREP spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Static => "STATIC",
+            Self::TargetingMatch => "TARGETING_MATCH",
+            Self::Default => "DEFAULT",
+            Self::Disabled => "DISABLED",
+            Self::Error => "ERROR",
+        }
+    }
+}
+
 /// OpenFeature's error codes, as OFREP spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResolutionErrorCode {
     FlagNotFound,
     ParseError,
@@ -51,6 +61,20 @@ pub enum ResolutionErrorCode {
     InvalidContext,
     TypeMismatch,
     General,
+}
+
+impl ResolutionErrorCode {
+    /// The code as OpenFeature and OFREP spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FlagNotFound => "FLAG_NOT_FOUND",
+            Self::ParseError => "PARSE_ERROR",
+            Self::TargetingKeyMissing => "TARGETING_KEY_MISSING",
+            Self::InvalidContext => "INVALID_CONTEXT",
+            Self::TypeMismatch => "TYPE_MISMATCH",
+            Self::General => "GENERAL",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +140,43 @@ impl Default for CompiledFlagSet {
     }
 }
 
+fn compile_flag(
+    key: &str,
+    flag: &FlagDefinition,
+    document: &FlagDocument,
+) -> Result<CompiledFlag, FlagError> {
+    let at = format!("/flags/{}", escape_pointer(key));
+    let (targeting, needs_targeting_key) = match &flag.targeting {
+        Some(rule) => {
+            let at = format!("{at}/targeting");
+            let expanded = expand_refs(rule, &document.evaluators, &at)?;
+            let needs = uses_targeting_key(&expanded);
+            (Some(compile_rule(&expanded, &at)?), needs)
+        }
+        None => (None, false),
+    };
+    let variants: Vec<(String, Value)> = flag
+        .variants
+        .iter()
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let default_variant = flag
+        .default_variant
+        .as_ref()
+        .and_then(|name| variants.iter().position(|(variant, _)| variant == name));
+    let mut metadata = document.metadata.clone();
+    metadata.extend(flag.metadata.clone());
+    Ok(CompiledFlag {
+        key: key.to_owned(),
+        state: flag.state,
+        variants,
+        default_variant,
+        targeting,
+        needs_targeting_key,
+        metadata,
+    })
+}
+
 /// The one engine every rule is compiled and evaluated with (a compiled rule
 /// is tied to the engine that compiled it).
 fn engine() -> &'static Engine {
@@ -131,59 +192,50 @@ impl CompiledFlagSet {
     /// Compiles a checked document. Errors only for rules the engine refuses,
     /// which [`FlagDocument::from_json`] has already ruled out.
     pub fn compile(document: FlagDocument) -> Result<Self, FlagError> {
+        let flags = document
+            .flags
+            .iter()
+            .map(|(key, flag)| compile_flag(key, flag, &document))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::assemble(document, flags))
+    }
+
+    /// Compiles what compiles and leaves out (and returns the errors of) any
+    /// flag that does not, so one bad stored flag cannot take the others
+    /// down. Flags come from the store already checked: this neither
+    /// re-validates them against the schema nor compiles them twice.
+    pub fn compile_lenient(mut document: FlagDocument) -> (Self, Vec<FlagError>) {
         let mut flags = Vec::with_capacity(document.flags.len());
+        let mut errors = Vec::new();
+        let mut rejected = Vec::new();
         for (key, flag) in &document.flags {
-            let at = format!("/flags/{}", escape_pointer(key));
-            let (targeting, needs_targeting_key) = match &flag.targeting {
-                Some(rule) => {
-                    let at = format!("{at}/targeting");
-                    let expanded = expand_refs(rule, &document.evaluators, &at)?;
-                    let needs = uses_targeting_key(&expanded);
-                    (Some(compile_rule(&expanded, &at)?), needs)
+            match compile_flag(key, flag, &document) {
+                Ok(compiled) => flags.push(compiled),
+                Err(error) => {
+                    rejected.push(key.clone());
+                    errors.push(error);
                 }
-                None => (None, false),
-            };
-            let variants: Vec<(String, Value)> = flag
-                .variants
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect();
-            let default_variant = flag
-                .default_variant
-                .as_ref()
-                .and_then(|name| variants.iter().position(|(variant, _)| variant == name));
-            let mut metadata = document.metadata.clone();
-            metadata.extend(flag.metadata.clone());
-            flags.push(CompiledFlag {
-                key: key.clone(),
-                state: flag.state,
-                variants,
-                default_variant,
-                targeting,
-                needs_targeting_key,
-                metadata,
-            });
+            }
         }
+        for key in rejected {
+            document.flags.remove(&key);
+        }
+        (Self::assemble(document, flags), errors)
+    }
+
+    fn assemble(document: FlagDocument, flags: Vec<CompiledFlag>) -> Self {
         let index = flags
             .iter()
             .enumerate()
             .map(|(position, flag)| (flag.key.clone(), position))
             .collect();
-        let etag = {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(document.to_json().to_string().as_bytes());
-            let hex: String = digest[..12]
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect();
-            format!("\"{hex}\"")
-        };
-        Ok(Self {
+        let etag = crate::strong_etag(document.to_json().to_string().as_bytes());
+        Self {
             document,
             etag,
             flags,
             index,
-        })
+        }
     }
 
     /// The source document (for export and the local-evaluation snapshot).

@@ -19,6 +19,18 @@ pub use evaluate::{
     CompiledFlagSet, EvaluationContext, Reason, Resolution, ResolutionError, ResolutionErrorCode,
 };
 
+/// A strong HTTP entity tag (quoted, 96 bits of SHA-256) for `bytes`: the
+/// same bytes give the same tag on every node.
+pub fn strong_etag(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    let hex: String = digest[..12]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("\"{hex}\"")
+}
+
 /// A flag definition that cannot be accepted: a stable code, the JSON path
 /// (RFC 6901 pointer into the submitted document) at fault, and a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -121,7 +121,7 @@ pub struct SnapshotSettings {
 impl Default for SnapshotSettings {
     fn default() -> Self {
         Self {
-            poll_interval_ms: 250,
+            poll_interval_ms: 50,
         }
     }
 }

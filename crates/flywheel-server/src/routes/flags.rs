@@ -14,9 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use flywheel_domain::flags::{FlagAction, FlagChange, FlagEntryKind, FlagVersion};
+use flywheel_domain::flags::{
+    CurrentFlagEntry, FlagAction, FlagChange, FlagEntryKind, FlagVersion,
+};
 use flywheel_domain::keys::Scope;
-use flywheel_domain::snapshot::Principal;
+use flywheel_domain::snapshot::{Principal, ProjectConfig};
 use flywheel_flags::definition::FlagDefinition;
 use flywheel_flags::diff::{diff, Change};
 use flywheel_flags::{FlagDocument, FlagError};
@@ -82,18 +84,23 @@ pub struct FlagList {
     flags: Vec<FlagView>,
 }
 
-fn flag_view(principal: &Principal, key: &str) -> Option<FlagView> {
-    principal
-        .project
-        .flag_entries
-        .iter()
-        .find(|entry| entry.kind == FlagEntryKind::Flag && entry.key == key)
-        .map(|entry| FlagView {
+impl From<&CurrentFlagEntry> for FlagView {
+    fn from(entry: &CurrentFlagEntry) -> Self {
+        Self {
             key: entry.key.clone(),
             definition: entry.definition.clone(),
             version: entry.version,
             updated_at: entry.updated_at,
-        })
+        }
+    }
+}
+
+fn flag_view(project: &ProjectConfig, key: &str) -> Option<FlagView> {
+    project
+        .flag_entries
+        .iter()
+        .find(|entry| entry.kind == FlagEntryKind::Flag && entry.key == key)
+        .map(FlagView::from)
 }
 
 fn flag_not_found(key: &str) -> ApiError {
@@ -149,21 +156,17 @@ async fn write_and_reload(
     Ok(written)
 }
 
+/// The flag as this node's snapshot has it after a write (the write reloaded it).
 fn view_after_write(
     state: &AppState,
     principal: &Principal,
     key: &str,
 ) -> Result<FlagView, ApiError> {
     let snapshot = state.snapshot.load();
-    let fresh = snapshot
+    snapshot
         .project(principal.project_id())
-        .ok_or_else(|| flag_not_found(key))?;
-    let principal = Principal {
-        project: fresh.clone(),
-        key_id: principal.key_id,
-        key_kind: principal.key_kind,
-    };
-    flag_view(&principal, key).ok_or_else(|| flag_not_found(key))
+        .and_then(|project| flag_view(project, key))
+        .ok_or_else(|| flag_not_found(key))
 }
 
 /// Every flag of the project, by key.
@@ -181,12 +184,7 @@ pub async fn list_flags(auth: SecretKey) -> Json<FlagList> {
         .flag_entries
         .iter()
         .filter(|entry| entry.kind == FlagEntryKind::Flag)
-        .map(|entry| FlagView {
-            key: entry.key.clone(),
-            definition: entry.definition.clone(),
-            version: entry.version,
-            updated_at: entry.updated_at,
-        })
+        .map(FlagView::from)
         .collect();
     Json(FlagList { flags })
 }
@@ -215,7 +213,7 @@ pub async fn create_flag(
             "a new flag needs a string `key`",
         ));
     };
-    if flag_view(&auth.principal, &key).is_some() {
+    if flag_view(&auth.principal.project, &key).is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "flag_exists",
@@ -250,7 +248,7 @@ pub async fn get_flag(
     auth: SecretKey,
     Path(key): Path<String>,
 ) -> Result<Json<FlagView>, ApiError> {
-    flag_view(&auth.principal, &key)
+    flag_view(&auth.principal.project, &key)
         .map(Json)
         .ok_or_else(|| flag_not_found(&key))
 }
@@ -274,7 +272,7 @@ pub async fn put_flag(
     Path(key): Path<String>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<(StatusCode, Json<FlagView>), ApiError> {
-    let existed = flag_view(&auth.principal, &key).is_some();
+    let existed = flag_view(&auth.principal.project, &key).is_some();
     let definition = checked_definition(&auth.principal, &key, &body)?;
     let change = FlagChange {
         kind: FlagEntryKind::Flag,
@@ -309,7 +307,7 @@ pub async fn delete_flag(
     auth: SecretKey,
     Path(key): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if flag_view(&auth.principal, &key).is_none() {
+    if flag_view(&auth.principal.project, &key).is_none() {
         return Err(flag_not_found(&key));
     }
     let change = FlagChange {
@@ -585,7 +583,8 @@ pub async fn import_document(
     Ok(Json(summary))
 }
 
-fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
+/// True when `If-None-Match` names `etag` (or `*`); weak tags compare by value.
+pub(crate) fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get(IF_NONE_MATCH)
         .and_then(|value| value.to_str().ok())

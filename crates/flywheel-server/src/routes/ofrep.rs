@@ -12,19 +12,19 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::header::{ETAG, IF_NONE_MATCH};
+use axum::http::header::ETAG;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use flywheel_domain::snapshot::Principal;
-use flywheel_flags::{EvaluationContext, Reason, Resolution, ResolutionErrorCode};
+use flywheel_flags::{EvaluationContext, Resolution, ResolutionErrorCode};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use crate::auth::AnyKey;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -77,39 +77,23 @@ pub struct OfrepBulk {
     metadata: Map<String, Value>,
 }
 
+impl OfrepFailure {
+    fn new(key: Option<&str>, code: &'static str, details: impl Into<String>) -> Self {
+        Self {
+            key: key.map(str::to_owned),
+            error_code: code,
+            error_details: details.into(),
+        }
+    }
+}
+
 fn failure(
     status: StatusCode,
     key: Option<&str>,
     code: &'static str,
     details: impl Into<String>,
 ) -> Response {
-    let body = OfrepFailure {
-        key: key.map(str::to_owned),
-        error_code: code,
-        error_details: details.into(),
-    };
-    (status, Json(body)).into_response()
-}
-
-fn code_name(code: ResolutionErrorCode) -> &'static str {
-    match code {
-        ResolutionErrorCode::FlagNotFound => "FLAG_NOT_FOUND",
-        ResolutionErrorCode::ParseError => "PARSE_ERROR",
-        ResolutionErrorCode::TargetingKeyMissing => "TARGETING_KEY_MISSING",
-        ResolutionErrorCode::InvalidContext => "INVALID_CONTEXT",
-        ResolutionErrorCode::TypeMismatch => "TYPE_MISMATCH",
-        ResolutionErrorCode::General => "GENERAL",
-    }
-}
-
-fn reason_name(reason: Reason) -> &'static str {
-    match reason {
-        Reason::Static => "STATIC",
-        Reason::TargetingMatch => "TARGETING_MATCH",
-        Reason::Default => "DEFAULT",
-        Reason::Disabled => "DISABLED",
-        Reason::Error => "ERROR",
-    }
+    (status, Json(OfrepFailure::new(key, code, details))).into_response()
 }
 
 /// OFREP metadata holds booleans, strings and numbers only.
@@ -169,7 +153,7 @@ fn success_json(resolution: &Resolution<'_>) -> OfrepSuccess {
     OfrepSuccess {
         key: resolution.key.to_owned(),
         value: resolution.value.cloned(),
-        reason: reason_name(resolution.reason),
+        reason: resolution.reason.as_str(),
         variant: resolution.variant.map(str::to_owned),
         metadata: scalar_metadata(resolution.metadata),
     }
@@ -186,8 +170,8 @@ fn success_json(resolution: &Resolution<'_>) -> OfrepSuccess {
         (status = 200, description = "The evaluation", body = OfrepSuccess),
         (status = 400, description = "PARSE_ERROR, INVALID_CONTEXT, TARGETING_KEY_MISSING or GENERAL", body = OfrepFailure),
         (status = 404, description = "FLAG_NOT_FOUND", body = OfrepFailure),
-        (status = 401, description = "Missing, unknown or revoked key"),
-        (status = 429, description = "Over the per-key rate; see Retry-After (seconds)"),
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
+        (status = 429, description = "Over the per-key rate; see Retry-After (seconds)", body = ErrorEnvelope),
     ))]
 pub async fn evaluate_flag(
     State(state): State<AppState>,
@@ -223,7 +207,7 @@ pub async fn evaluate_flag(
         Some(error) => failure(
             StatusCode::BAD_REQUEST,
             Some(&key),
-            code_name(error.code),
+            error.code.as_str(),
             error.message.to_string(),
         ),
     }
@@ -248,8 +232,8 @@ fn has_targeting_key(context: &EvaluationContext) -> bool {
          headers(("ETag" = String, description = "Tag of this answer"))),
         (status = 304, description = "Unchanged since the tag in If-None-Match"),
         (status = 400, description = "PARSE_ERROR or INVALID_CONTEXT", body = OfrepFailure),
-        (status = 401, description = "Missing, unknown or revoked key"),
-        (status = 429, description = "Over the per-key rate; see Retry-After (seconds)"),
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
+        (status = 429, description = "Over the per-key rate; see Retry-After (seconds)", body = ErrorEnvelope),
     ))]
 pub async fn evaluate_flags(
     State(state): State<AppState>,
@@ -269,15 +253,22 @@ pub async fn evaluate_flags(
     let mut results = Vec::with_capacity(flags.len());
     flags.evaluate_all(&context, state.clock.now().timestamp(), |resolution| {
         let item = if !targeting_key && flags.needs_targeting_key(resolution.key) {
-            serde_json::json!({"key": resolution.key, "errorCode": "TARGETING_KEY_MISSING",
-                               "errorDetails": "this flag buckets by targetingKey, and the context has none"})
+            serde_json::to_value(OfrepFailure::new(
+                Some(resolution.key),
+                "TARGETING_KEY_MISSING",
+                "this flag buckets by targetingKey, and the context has none",
+            ))
         } else {
             match &resolution.error {
-                None => serde_json::to_value(success_json(&resolution)).expect("serializes"),
-                Some(error) => serde_json::json!({"key": resolution.key, "errorCode": code_name(error.code),
-                                                  "errorDetails": error.message}),
+                None => serde_json::to_value(success_json(&resolution)),
+                Some(error) => serde_json::to_value(OfrepFailure::new(
+                    Some(resolution.key),
+                    error.code.as_str(),
+                    error.message.to_string(),
+                )),
             }
-        };
+        }
+        .expect("OFREP items serialize");
         results.push(item);
     });
     let mut stream_uri = String::from("/v1/flags/stream");
@@ -295,24 +286,9 @@ pub async fn evaluate_flags(
         metadata: scalar_metadata(&flags.document().metadata),
     };
     let body = serde_json::to_vec(&answer).expect("serializes");
-    let etag = {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(&body);
-        let hex: String = digest[..12]
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
-        format!("\"{hex}\"")
-    };
+    let etag = flywheel_flags::strong_etag(&body);
     let etag_header = HeaderValue::from_str(&etag).expect("hex is a valid header");
-    let unchanged = headers
-        .get(IF_NONE_MATCH)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| {
-            value
-                .split(',')
-                .any(|tag| tag.trim().trim_start_matches("W/") == etag)
-        });
+    let unchanged = super::flags::etag_matches(&headers, &etag);
     if unchanged {
         return (StatusCode::NOT_MODIFIED, [(ETAG, etag_header)]).into_response();
     }
