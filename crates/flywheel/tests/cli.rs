@@ -605,3 +605,97 @@ async fn real_client_libraries_deliver_events() {
         .unwrap();
     assert_eq!(grouped["org_id"], "ph-org");
 }
+
+/// Real OpenFeature clients (the Node server SDK and the Python SDK, each
+/// with its OFREP provider) evaluate Flywheel's flags with nothing changed
+/// but the base URL and the key header: values, variants, reasons, and the
+/// caller's default for a missing or disabled flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_openfeature_clients_evaluate_flags() {
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let served = Served::start(&db);
+    let secret = served.key_from_banner("secret key:");
+    let publishable = served.key_from_banner("publishable key:");
+    let client = served.client().with_key(&secret);
+    let document = serde_json::json!({"flags": {
+        "pro-feature": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                        "targeting": {"if": [{"in": [{"var": "plan"}, ["pro", "team"]]}, "on", null]}},
+        "banner": {"state": "ENABLED", "variants": {"hello": "hello", "bye": "bye"}, "defaultVariant": "hello"},
+        "killed": {"state": "DISABLED", "variants": {"on": false}, "defaultVariant": "on"}
+    }});
+    let imported: Value = client
+        .send(
+            client
+                .request(reqwest::Method::PUT, "/v1/flags/document")
+                .json(&document),
+        )
+        .await
+        .unwrap();
+    assert_eq!(imported["created"].as_array().unwrap().len(), 3);
+
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    let node_dir = scripts.join("node");
+    assert!(
+        node_dir
+            .join("node_modules/@openfeature/ofrep-provider")
+            .is_dir(),
+        "the OpenFeature Node libraries are missing: \
+         npm install --no-package-lock --prefix crates/flywheel/tests/clients/node"
+    );
+    let runs = [
+        ("node", node_dir.join("openfeature.mjs")),
+        ("python3", scripts.join("openfeature_client.py")),
+    ];
+    for (program, script) in runs {
+        let output = Command::new(program)
+            .arg(&script)
+            .args([&served.base_url, &publishable])
+            .output()
+            .unwrap_or_else(|error| panic!("{program} runs: {error}"));
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let details: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+            panic!(
+                "{}: {error}: {}",
+                script.display(),
+                String::from_utf8_lossy(&output.stdout)
+            )
+        });
+        let at = |index: usize, field: &str| details[index][field].clone();
+        let context = script.display().to_string();
+        // A pro user is targeted; a free one gets the default variant.
+        assert_eq!(
+            (at(0, "value"), at(0, "variant"), at(0, "reason")),
+            (true.into(), "on".into(), "TARGETING_MATCH".into()),
+            "{context}"
+        );
+        assert_eq!(
+            (at(1, "value"), at(1, "variant"), at(1, "reason")),
+            (false.into(), "off".into(), "DEFAULT".into()),
+            "{context}"
+        );
+        assert_eq!(
+            (at(2, "value"), at(2, "reason")),
+            ("hello".into(), "STATIC".into()),
+            "{context}"
+        );
+        // A missing flag: the caller's default, FLAG_NOT_FOUND.
+        assert_eq!(
+            (at(3, "value"), at(3, "errorCode")),
+            (true.into(), "FLAG_NOT_FOUND".into()),
+            "{context}"
+        );
+        // A disabled flag: the caller's default.
+        assert_eq!(at(4, "value"), Value::from(true), "{context}");
+        // A boolean flag asked for as a string: the client's type check.
+        assert_eq!(
+            (at(5, "value"), at(5, "errorCode")),
+            ("wrong type".into(), "TYPE_MISMATCH".into()),
+            "{context}"
+        );
+    }
+}
