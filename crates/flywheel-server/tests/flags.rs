@@ -547,3 +547,82 @@ async fn next_event(response: &mut reqwest::Response, seen: &mut String) -> Stri
     .await
     .expect("an event arrives")
 }
+
+/// The Rust OpenFeature SDK with its OFREP provider (`open-feature-ofrep`)
+/// evaluates Flywheel's flags with nothing changed but the base URL and the
+/// key header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_openfeature_ofrep_provider_evaluates_flags() {
+    use open_feature::{EvaluationContext, EvaluationErrorCode, OpenFeature};
+    use open_feature_ofrep::{OfrepOptions, OfrepProvider};
+
+    let app = spawn(Backend::Sqlite).await;
+    call(&app.secret, Method::PUT, "/v1/flags/pro", Some(pro_flag())).await;
+    call(
+        &app.secret,
+        Method::PUT,
+        "/v1/flags/banner",
+        Some(
+            json!({"state": "ENABLED", "variants": {"hello": "hello"}, "defaultVariant": "hello"}),
+        ),
+    )
+    .await;
+
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", app.publishable_key.parse().unwrap());
+    let provider = OfrepProvider::new(OfrepOptions {
+        base_url: app.server.base_url().trim_end_matches('/').to_string(),
+        headers,
+        connect_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await
+    .expect("valid provider options");
+    // The SDK is a process-wide singleton: a named provider keeps this test
+    // apart from any other in the same binary.
+    OpenFeature::singleton_mut()
+        .await
+        .set_named_provider("flywheel", provider)
+        .await;
+    let client = OpenFeature::singleton()
+        .await
+        .create_named_client("flywheel");
+
+    let pro = EvaluationContext::default()
+        .with_targeting_key("rust-user")
+        .with_custom_field("plan", "team");
+    let free = EvaluationContext::default()
+        .with_targeting_key("rust-user")
+        .with_custom_field("plan", "free");
+    let details = client
+        .get_bool_details("pro", Some(&pro), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (details.value, details.variant.as_deref()),
+        (true, Some("on"))
+    );
+    assert!(!client
+        .get_bool_value("pro", Some(&free), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        client
+            .get_string_value("banner", Some(&pro), None)
+            .await
+            .unwrap(),
+        "hello"
+    );
+    let missing = client
+        .get_bool_value("missing", Some(&pro), None)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, EvaluationErrorCode::FlagNotFound);
+    // A boolean asked for as a string fails in the client; this provider
+    // (0.1.2) reports its own type check as a parse error.
+    let mismatched = client
+        .get_string_value("pro", Some(&pro), None)
+        .await
+        .unwrap_err();
+    assert_eq!(mismatched.code, EvaluationErrorCode::ParseError);
+}
