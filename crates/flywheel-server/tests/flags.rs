@@ -626,3 +626,101 @@ async fn the_rust_openfeature_ofrep_provider_evaluates_flags() {
         .unwrap_err();
     assert_eq!(mismatched.code, EvaluationErrorCode::ParseError);
 }
+
+/// `track_exposure` records a `$exposure` event for each served variant, at
+/// most once per user, flag and variant per UTC day, through the durable
+/// ingestion path (so it is stored before the evaluation is answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposures_are_recorded_once_per_user_flag_variant_and_day() {
+    use flywheel_domain::clock::ManualClock;
+
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let clock = ManualClock::new("2026-03-31T23:00:00Z".parse().unwrap());
+    let started = common::start(common::test_settings(&db), Arc::new(clock.clone())).await;
+    let (secret, publishable) = (started.secret, started.publishable);
+    call(&secret, Method::PUT, "/v1/flags/pro", Some(pro_flag())).await;
+    call(
+        &secret,
+        Method::PUT,
+        "/v1/flags/killed",
+        Some(json!({"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"})),
+    )
+    .await;
+    let exposures = || async {
+        let (_, body) = call(
+            &secret,
+            Method::GET,
+            "/v1/events?event=%24exposure&limit=100",
+            None,
+        )
+        .await;
+        body["events"].as_array().unwrap().clone()
+    };
+    let pro = json!({"context": {"targetingKey": "u1", "plan": "pro"}});
+
+    for _ in 0..3 {
+        let (status, _) = call(
+            &publishable,
+            Method::POST,
+            "/ofrep/v1/evaluate/flags/pro?track_exposure=true",
+            Some(pro.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Without the flag nothing is recorded.
+    call(
+        &publishable,
+        Method::POST,
+        "/ofrep/v1/evaluate/flags/pro",
+        Some(json!({"context": {"targetingKey": "u2", "plan": "pro"}})),
+    )
+    .await;
+    let recorded = exposures().await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["user_id"], "u1");
+    assert_eq!(
+        recorded[0]["properties"],
+        json!({"flag": "pro", "variant": "on", "reason": "TARGETING_MATCH"})
+    );
+
+    // Bulk, in the body: the disabled flag serves nothing, so only `pro`
+    // could be exposed, and it already was today. A new variant is new.
+    let (status, _) = call(
+        &publishable,
+        Method::POST,
+        "/ofrep/v1/evaluate/flags",
+        Some(json!({"context": {"targetingKey": "u1", "plan": "free"}, "track_exposure": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let recorded = exposures().await;
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert!(recorded
+        .iter()
+        .any(|event| event["properties"]["variant"] == "off"));
+
+    // The next UTC day (one hour later) counts again.
+    clock.advance(chrono::Duration::hours(1));
+    call(
+        &publishable,
+        Method::POST,
+        "/ofrep/v1/evaluate/flags/pro?track_exposure=true",
+        Some(pro.clone()),
+    )
+    .await;
+    assert_eq!(exposures().await.len(), 3);
+
+    let (status, body) = call(
+        &publishable,
+        Method::POST,
+        "/ofrep/v1/evaluate/flags/pro",
+        Some(json!({"context": {}, "track_exposure": "yes"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["errorCode"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_CONTEXT"))
+    );
+    drop(started.server);
+}

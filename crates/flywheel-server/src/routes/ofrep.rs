@@ -11,20 +11,23 @@
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header::ETAG;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use flywheel_domain::events::{decode_native, Envelope};
 use flywheel_domain::snapshot::Principal;
 use flywheel_flags::{EvaluationContext, Resolution, ResolutionErrorCode};
-use serde::Serialize;
-use serde_json::{Map, Value};
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
 use crate::auth::AnyKey;
 use crate::error::{ApiError, ErrorEnvelope};
+use crate::ingest::ingest;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -105,18 +108,44 @@ fn scalar_metadata(metadata: &Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
-/// Reads `{"context": {...}}` leniently, as real providers send it: a missing
-/// body or `context` is an empty context.
-fn parse_context(body: &Bytes) -> Result<EvaluationContext, (&'static str, String)> {
+/// An evaluation request: the context, and whether to record exposures.
+struct EvaluationRequest {
+    context: EvaluationContext,
+    track_exposure: bool,
+}
+
+/// Reads `{"context": {...}, "track_exposure"?: bool}` leniently, as real
+/// providers send it: a missing body or `context` is an empty context.
+fn parse_request(
+    body: &Bytes,
+    query: &ExposureQuery,
+) -> Result<EvaluationRequest, (&'static str, String)> {
+    let tracked_by_query = query.track_exposure;
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Map::new());
+        return Ok(EvaluationRequest {
+            context: Map::new(),
+            track_exposure: tracked_by_query.unwrap_or(false),
+        });
     }
     let request: Value = serde_json::from_slice(body)
         .map_err(|error| ("PARSE_ERROR", format!("the body is not JSON: {error}")))?;
+    let mut track_exposure = tracked_by_query.unwrap_or(false);
     let context = match request {
-        Value::Object(mut object) => object
-            .remove("context")
-            .unwrap_or(Value::Object(Map::new())),
+        Value::Object(mut object) => {
+            match object.remove("track_exposure") {
+                None | Some(Value::Null) => {}
+                Some(Value::Bool(track)) => track_exposure |= track,
+                Some(_) => {
+                    return Err((
+                        "INVALID_CONTEXT",
+                        "`track_exposure` must be a boolean".into(),
+                    ))
+                }
+            }
+            object
+                .remove("context")
+                .unwrap_or(Value::Object(Map::new()))
+        }
         _ => {
             return Err((
                 "INVALID_CONTEXT",
@@ -132,7 +161,82 @@ fn parse_context(body: &Bytes) -> Result<EvaluationContext, (&'static str, Strin
             return Err(("INVALID_CONTEXT", "`targetingKey` must be a string".into()));
         }
     }
-    Ok(context)
+    Ok(EvaluationRequest {
+        context,
+        track_exposure,
+    })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExposureQuery {
+    /// Record a `$exposure` event for each served variant (also accepted as
+    /// `"track_exposure": true` in the body).
+    track_exposure: Option<bool>,
+}
+
+/// Fixes exposure event ids: one id per project, user, flag, variant and UTC
+/// day, so the ingestion dedupe keeps at most one exposure a day for each.
+const EXPOSURE_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2c1a_9d4b_4e8a_b1c7_53f0_e2a9_d6b4);
+
+/// Records `$exposure` events (flag, variant, reason) for the served
+/// resolutions of one user, through the same durable, exactly-once path as
+/// any event. At most once per user, flag and variant per UTC day: the event
+/// id is derived from exactly those, and duplicates are dropped by the store.
+/// A failure is logged, never turned into an evaluation error.
+async fn record_exposures(
+    state: &AppState,
+    principal: &Principal,
+    context: &EvaluationContext,
+    served: Vec<(String, String, &'static str)>,
+) {
+    let Some(user) = context
+        .get("targetingKey")
+        .and_then(Value::as_str)
+        .filter(|user| !user.is_empty())
+    else {
+        return;
+    };
+    if served.is_empty() {
+        return;
+    }
+    let now = state.clock.now();
+    let day = now.format("%Y-%m-%d");
+    let project = principal.project_id();
+    let envelope = Envelope {
+        received_at: now,
+        sent_at: None,
+        context: None,
+        max_event_bytes: state.ingest.max_event_bytes,
+    };
+    let decoded = served
+        .into_iter()
+        .enumerate()
+        .map(|(index, (flag, variant, reason))| {
+            let id = Uuid::new_v5(
+                &EXPOSURE_NAMESPACE,
+                format!("{}/{user}/{flag}/{variant}/{day}", project.0).as_bytes(),
+            );
+            let raw = json!({"type": "track", "event": "$exposure", "event_id": id, "user_id": user,
+                             "properties": {"flag": flag, "variant": variant, "reason": reason}});
+            let len = raw.to_string().len();
+            decode_native(raw, len, index, &envelope)
+        })
+        .collect();
+    if let Err(error) = ingest(&state.committer, &principal.project, decoded).await {
+        tracing::warn!(code = %error.code, message = %error.message, "exposure events were not recorded");
+    }
+}
+
+fn exposure_of(resolution: &Resolution<'_>) -> Option<(String, String, &'static str)> {
+    match (&resolution.error, resolution.variant) {
+        (None, Some(variant)) => Some((
+            resolution.key.to_owned(),
+            variant.to_owned(),
+            resolution.reason.as_str(),
+        )),
+        _ => None,
+    }
 }
 
 fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
@@ -164,8 +268,8 @@ fn success_json(resolution: &Resolution<'_>) -> OfrepSuccess {
 /// `$flagd.timestamp` are added by the server.
 #[utoipa::path(post, path = "/ofrep/v1/evaluate/flags/{key}", tag = "ofrep",
     security(("api_key" = [])),
-    params(("key" = String, Path, description = "Flag key")),
-    request_body(content = Object, description = "`{\"context\": {\"targetingKey\": …}}`"),
+    params(("key" = String, Path, description = "Flag key"), ExposureQuery),
+    request_body(content = Object, description = "`{\"context\": {\"targetingKey\": …}, \"track_exposure\"?: true}`"),
     responses(
         (status = 200, description = "The evaluation", body = OfrepSuccess),
         (status = 400, description = "PARSE_ERROR, INVALID_CONTEXT, TARGETING_KEY_MISSING or GENERAL", body = OfrepFailure),
@@ -177,13 +281,17 @@ pub async fn evaluate_flag(
     State(state): State<AppState>,
     auth: AnyKey,
     Path(key): Path<String>,
+    Query(query): Query<ExposureQuery>,
     body: Bytes,
 ) -> Response {
     if let Some(limited) = rate_limited(&state, &auth.principal) {
         return limited;
     }
-    let context = match parse_context(&body) {
-        Ok(context) => context,
+    let EvaluationRequest {
+        context,
+        track_exposure,
+    } = match parse_request(&body, &query) {
+        Ok(request) => request,
         Err((code, details)) => return failure(StatusCode::BAD_REQUEST, Some(&key), code, details),
     };
     let flags = &auth.principal.project.flags;
@@ -196,6 +304,10 @@ pub async fn evaluate_flag(
         );
     }
     let resolution = flags.evaluate(&key, &context, state.clock.now().timestamp());
+    if track_exposure {
+        let served = exposure_of(&resolution).into_iter().collect();
+        record_exposures(&state, &auth.principal, &context, served).await;
+    }
     match &resolution.error {
         None => Json(success_json(&resolution)).into_response(),
         Some(error) if error.code == ResolutionErrorCode::FlagNotFound => failure(
@@ -226,7 +338,8 @@ fn has_targeting_key(context: &EvaluationContext) -> bool {
 /// server's change stream (`/v1/flags/stream`).
 #[utoipa::path(post, path = "/ofrep/v1/evaluate/flags", tag = "ofrep",
     security(("api_key" = [])),
-    request_body(content = Object, description = "`{\"context\": {\"targetingKey\": …}}`"),
+    params(ExposureQuery),
+    request_body(content = Object, description = "`{\"context\": {\"targetingKey\": …}, \"track_exposure\"?: true}`"),
     responses(
         (status = 200, description = "Every flag's evaluation", body = OfrepBulk,
          headers(("ETag" = String, description = "Tag of this answer"))),
@@ -239,19 +352,27 @@ pub async fn evaluate_flags(
     State(state): State<AppState>,
     auth: AnyKey,
     headers: HeaderMap,
+    Query(query): Query<ExposureQuery>,
     body: Bytes,
 ) -> Response {
     if let Some(limited) = rate_limited(&state, &auth.principal) {
         return limited;
     }
-    let context = match parse_context(&body) {
-        Ok(context) => context,
+    let EvaluationRequest {
+        context,
+        track_exposure,
+    } = match parse_request(&body, &query) {
+        Ok(request) => request,
         Err((code, details)) => return failure(StatusCode::BAD_REQUEST, None, code, details),
     };
     let flags = &auth.principal.project.flags;
     let targeting_key = has_targeting_key(&context);
     let mut results = Vec::with_capacity(flags.len());
+    let mut served = Vec::new();
     flags.evaluate_all(&context, state.clock.now().timestamp(), |resolution| {
+        if track_exposure {
+            served.extend(exposure_of(&resolution));
+        }
         let item = if !targeting_key && flags.needs_targeting_key(resolution.key) {
             serde_json::to_value(OfrepFailure::new(
                 Some(resolution.key),
@@ -271,6 +392,9 @@ pub async fn evaluate_flags(
         .expect("OFREP items serialize");
         results.push(item);
     });
+    if track_exposure {
+        record_exposures(&state, &auth.principal, &context, served).await;
+    }
     let mut stream_uri = String::from("/v1/flags/stream");
     if let Some(publishable) = publishable_key(&headers, &auth.principal) {
         // A browser's EventSource cannot send headers; a publishable key is
