@@ -66,12 +66,20 @@ pub struct OfrepFailure {
     error_details: String,
 }
 
+/// One flag of a bulk answer: OFREP's `evaluationSuccess` or `evaluationFailure`.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum OfrepItem {
+    Success(OfrepSuccess),
+    Failure(OfrepFailure),
+}
+
 /// OFREP's bulk answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OfrepBulk {
     /// Every flag of the project, successes and failures, by key.
     #[schema(value_type = Vec<Object>)]
-    flags: Vec<Value>,
+    flags: Vec<OfrepItem>,
     /// Where to hear about changes: this server's SSE stream.
     #[serde(rename = "eventStreams")]
     #[schema(value_type = Vec<Object>)]
@@ -253,7 +261,7 @@ fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
     Some(error.into_response())
 }
 
-fn success_json(resolution: &Resolution<'_>) -> OfrepSuccess {
+fn success(resolution: &Resolution<'_>) -> OfrepSuccess {
     OfrepSuccess {
         key: resolution.key.to_owned(),
         value: resolution.value.cloned(),
@@ -309,7 +317,7 @@ pub async fn evaluate_flag(
         record_exposures(&state, &auth.principal, &context, served).await;
     }
     match &resolution.error {
-        None => Json(success_json(&resolution)).into_response(),
+        None => Json(success(&resolution)).into_response(),
         Some(error) if error.code == ResolutionErrorCode::FlagNotFound => failure(
             StatusCode::NOT_FOUND,
             Some(&key),
@@ -374,22 +382,21 @@ pub async fn evaluate_flags(
             served.extend(exposure_of(&resolution));
         }
         let item = if !targeting_key && flags.needs_targeting_key(resolution.key) {
-            serde_json::to_value(OfrepFailure::new(
+            OfrepItem::Failure(OfrepFailure::new(
                 Some(resolution.key),
                 "TARGETING_KEY_MISSING",
                 "this flag buckets by targetingKey, and the context has none",
             ))
         } else {
             match &resolution.error {
-                None => serde_json::to_value(success_json(&resolution)),
-                Some(error) => serde_json::to_value(OfrepFailure::new(
+                None => OfrepItem::Success(success(&resolution)),
+                Some(error) => OfrepItem::Failure(OfrepFailure::new(
                     Some(resolution.key),
                     error.code.as_str(),
                     error.message.to_string(),
                 )),
             }
-        }
-        .expect("OFREP items serialize");
+        };
         results.push(item);
     });
     if track_exposure {
