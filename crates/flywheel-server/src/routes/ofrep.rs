@@ -36,21 +36,39 @@ pub fn router() -> Router<AppState> {
         .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
 }
 
-/// One flag's evaluation, as OFREP's `evaluationSuccess`.
+/// One flag's evaluation, as OFREP's `evaluationSuccess`. Borrows from the
+/// compiled flag: a bulk answer allocates nothing per flag but its bytes.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct OfrepSuccess {
-    key: String,
+pub struct OfrepSuccess<'f> {
+    #[schema(value_type = String)]
+    key: &'f str,
     /// Absent: use the code default (disabled flag, or no default variant).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
-    value: Option<Value>,
+    value: Option<&'f Value>,
     /// `STATIC`, `TARGETING_MATCH`, `DEFAULT` or `DISABLED`.
     reason: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<String>,
+    #[schema(value_type = Option<String>)]
+    variant: Option<&'f str>,
     /// Flag-set metadata overlaid with the flag's; scalar values only.
     #[schema(value_type = Object)]
-    metadata: Map<String, Value>,
+    metadata: ScalarMetadata<'f>,
+}
+
+/// OFREP metadata holds booleans, strings and numbers only: the others are
+/// left out as the map is written.
+#[derive(Debug)]
+pub struct ScalarMetadata<'f>(&'f Map<String, Value>);
+
+impl Serialize for ScalarMetadata<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().filter(|(_, value)| is_scalar(value)))
+    }
+}
+
+fn is_scalar(value: &Value) -> bool {
+    matches!(value, Value::Bool(_) | Value::String(_) | Value::Number(_))
 }
 
 /// OFREP's `evaluationFailure` (also inline in bulk answers).
@@ -69,23 +87,23 @@ pub struct OfrepFailure {
 /// One flag of a bulk answer: OFREP's `evaluationSuccess` or `evaluationFailure`.
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
-pub enum OfrepItem {
-    Success(OfrepSuccess),
+pub enum OfrepItem<'f> {
+    Success(OfrepSuccess<'f>),
     Failure(OfrepFailure),
 }
 
 /// OFREP's bulk answer.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct OfrepBulk {
+pub struct OfrepBulk<'f> {
     /// Every flag of the project, successes and failures, by key.
     #[schema(value_type = Vec<Object>)]
-    flags: Vec<OfrepItem>,
+    flags: Vec<OfrepItem<'f>>,
     /// Where to hear about changes: this server's SSE stream.
     #[serde(rename = "eventStreams")]
     #[schema(value_type = Vec<Object>)]
     event_streams: Vec<Value>,
     #[schema(value_type = Object)]
-    metadata: Map<String, Value>,
+    metadata: ScalarMetadata<'f>,
 }
 
 impl OfrepFailure {
@@ -108,13 +126,6 @@ fn failure(
 }
 
 /// OFREP metadata holds booleans, strings and numbers only.
-fn scalar_metadata(metadata: &Map<String, Value>) -> Map<String, Value> {
-    metadata
-        .iter()
-        .filter(|(_, value)| matches!(value, Value::Bool(_) | Value::String(_) | Value::Number(_)))
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect()
-}
 
 /// An evaluation request: the context, and whether to record exposures.
 struct EvaluationRequest {
@@ -261,13 +272,13 @@ fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
     Some(error.into_response())
 }
 
-fn success(resolution: &Resolution<'_>) -> OfrepSuccess {
+fn success<'f>(resolution: &Resolution<'f>) -> OfrepSuccess<'f> {
     OfrepSuccess {
-        key: resolution.key.to_owned(),
-        value: resolution.value.cloned(),
+        key: resolution.key,
+        value: resolution.value,
         reason: resolution.reason.as_str(),
-        variant: resolution.variant.map(str::to_owned),
-        metadata: scalar_metadata(resolution.metadata),
+        variant: resolution.variant,
+        metadata: ScalarMetadata(resolution.metadata),
     }
 }
 
@@ -414,7 +425,7 @@ pub async fn evaluate_flags(
         event_streams: vec![
             serde_json::json!({"type": "sse", "endpoint": {"requestUri": stream_uri}}),
         ],
-        metadata: scalar_metadata(&flags.document().metadata),
+        metadata: ScalarMetadata(&flags.document().metadata),
     };
     let body = serde_json::to_vec(&answer).expect("serializes");
     let etag = flywheel_flags::strong_etag(&body);
