@@ -36,8 +36,9 @@ pub fn router() -> Router<AppState> {
         .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
 }
 
-/// One flag's evaluation, as OFREP's `evaluationSuccess`. Borrows from the
-/// compiled flag: a bulk answer allocates nothing per flag but its bytes.
+/// One flag's evaluation, as OFREP's `evaluationSuccess`.
+// Borrows from the compiled flag: a bulk answer allocates nothing per flag
+// but its bytes.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OfrepSuccess<'f> {
     #[schema(value_type = String)]
@@ -124,8 +125,6 @@ fn failure(
 ) -> Response {
     (status, Json(OfrepFailure::new(key, code, details))).into_response()
 }
-
-/// OFREP metadata holds booleans, strings and numbers only.
 
 /// An evaluation request: the context, and whether to record exposures.
 struct EvaluationRequest {
