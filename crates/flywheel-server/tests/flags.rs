@@ -43,22 +43,7 @@ async fn spawn(backend: Backend) -> App {
     }
 }
 
-async fn call(
-    client: &Client,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut request = client.request(method, path);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    (
-        response.status(),
-        response.json().await.unwrap_or(Value::Null),
-    )
-}
+use common::call;
 
 fn pro_flag() -> Value {
     json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",

@@ -257,6 +257,22 @@ fn exposure_of(resolution: &Resolution<'_>) -> Option<(String, String, &'static 
     }
 }
 
+/// What both OFREP endpoints do first: the per-key rate limit, then the
+/// request body. `key` is the flag of a single evaluation, for error bodies.
+fn admit(
+    state: &AppState,
+    principal: &Principal,
+    body: &Bytes,
+    query: &ExposureQuery,
+    key: Option<&str>,
+) -> Result<EvaluationRequest, Response> {
+    if let Some(limited) = rate_limited(state, principal) {
+        return Err(limited);
+    }
+    parse_request(body, query)
+        .map_err(|(code, details)| failure(StatusCode::BAD_REQUEST, key, code, details))
+}
+
 fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
     let retry_after = state
         .evaluation_rate_limiter
@@ -302,15 +318,12 @@ pub async fn evaluate_flag(
     Query(query): Query<ExposureQuery>,
     body: Bytes,
 ) -> Response {
-    if let Some(limited) = rate_limited(&state, &auth.principal) {
-        return limited;
-    }
     let EvaluationRequest {
         context,
         track_exposure,
-    } = match parse_request(&body, &query) {
+    } = match admit(&state, &auth.principal, &body, &query, Some(&key)) {
         Ok(request) => request,
-        Err((code, details)) => return failure(StatusCode::BAD_REQUEST, Some(&key), code, details),
+        Err(refused) => return refused,
     };
     let flags = &auth.principal.project.flags;
     if flags.needs_targeting_key(&key) && !has_targeting_key(&context) {
@@ -373,15 +386,12 @@ pub async fn evaluate_flags(
     Query(query): Query<ExposureQuery>,
     body: Bytes,
 ) -> Response {
-    if let Some(limited) = rate_limited(&state, &auth.principal) {
-        return limited;
-    }
     let EvaluationRequest {
         context,
         track_exposure,
-    } = match parse_request(&body, &query) {
+    } = match admit(&state, &auth.principal, &body, &query, None) {
         Ok(request) => request,
-        Err((code, details)) => return failure(StatusCode::BAD_REQUEST, None, code, details),
+        Err(refused) => return refused,
     };
     let flags = &auth.principal.project.flags;
     let targeting_key = has_targeting_key(&context);

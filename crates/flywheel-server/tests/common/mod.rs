@@ -52,3 +52,22 @@ pub async fn start(settings: Settings, clock: SharedClock) -> Started {
         publishable_key,
     }
 }
+
+/// Sends one request and returns its status and JSON body (`null` when the
+/// body is not JSON).
+pub async fn call(
+    client: &Client,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut request = client.request(method, path);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status(),
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
