@@ -265,12 +265,12 @@ fn admit(
     body: &Bytes,
     query: &ExposureQuery,
     key: Option<&str>,
-) -> Result<EvaluationRequest, Response> {
+) -> Result<EvaluationRequest, Box<Response>> {
     if let Some(limited) = rate_limited(state, principal) {
-        return Err(limited);
+        return Err(Box::new(limited));
     }
     parse_request(body, query)
-        .map_err(|(code, details)| failure(StatusCode::BAD_REQUEST, key, code, details))
+        .map_err(|(code, details)| Box::new(failure(StatusCode::BAD_REQUEST, key, code, details)))
 }
 
 fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
@@ -323,7 +323,7 @@ pub async fn evaluate_flag(
         track_exposure,
     } = match admit(&state, &auth.principal, &body, &query, Some(&key)) {
         Ok(request) => request,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let flags = &auth.principal.project.flags;
     if flags.needs_targeting_key(&key) && !has_targeting_key(&context) {
@@ -391,7 +391,7 @@ pub async fn evaluate_flags(
         track_exposure,
     } = match admit(&state, &auth.principal, &body, &query, None) {
         Ok(request) => request,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let flags = &auth.principal.project.flags;
     let targeting_key = has_targeting_key(&context);
