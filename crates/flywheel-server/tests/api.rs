@@ -465,6 +465,10 @@ async fn draining_closes_kept_alive_connections_and_refuses_new_ones(backend: Ba
         first.headers().get("connection").is_none(),
         "keep-alive before shutdown"
     );
+    // Reading the body hands the connection back to the pool, so the requests
+    // below reuse it; otherwise the client races the closing listener with a
+    // new connection.
+    first.bytes().await.unwrap();
 
     server.shutdown_token().cancel();
     let closed = tokio::time::timeout(Duration::from_secs(2), async {
