@@ -1,0 +1,17 @@
+//! Plans, entitlements and usage metering.
+//!
+//! * [`catalog`]: features, meters and plans, validated and compiled.
+//! * [`period`]: anchored usage periods.
+//! * [`org`]: an org's subscription, overrides, grants and usage, and the
+//!   rules over them (`check`, `consume`, `release`, metering, plan changes).
+
+pub mod catalog;
+pub mod org;
+pub mod period;
+
+pub use catalog::{Catalog, CatalogDocument, FeatureKind, Limit, PlanFeature};
+pub use org::{Decision, OrgCommand, OrgState, Reason};
+pub use period::{period_containing, Period, ResetInterval};
+
+#[cfg(test)]
+mod tests;
