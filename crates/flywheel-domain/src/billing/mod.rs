@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod org;
 pub mod period;
+pub mod stripe;
 
 pub use catalog::{Catalog, CatalogDocument, FeatureKind, Limit, PlanFeature};
 pub use org::{Decision, OrgCommand, OrgState, Reason};

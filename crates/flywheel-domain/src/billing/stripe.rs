@@ -1,0 +1,2 @@
+//! Stripe webhooks: signature verification and the subscription facts an
+//! event carries.
