@@ -69,6 +69,8 @@ fn fixture() -> Fixture {
                 schemas: Default::default(),
                 flags: Default::default(),
                 flag_entries: Vec::new(),
+                catalog: Default::default(),
+                catalog_version: 0,
             }
         })
         .collect();

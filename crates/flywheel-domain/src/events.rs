@@ -955,6 +955,8 @@ mod tests {
             .into(),
             flags: Default::default(),
             flag_entries: Vec::new(),
+            catalog: Default::default(),
+            catalog_version: 0,
         };
         let raw = json!({"event": "signup", "user_id": "u", "context": {"ip": "10.1.2.3"},
                          "properties": {"note": "a@b.co"}});

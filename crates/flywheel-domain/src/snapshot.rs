@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use flywheel_flags::CompiledFlagSet;
 
+use crate::billing::Catalog;
 use crate::error::{DomainError, ErrorKind};
 use crate::flags::CurrentFlagEntry;
 use crate::keys::{KeyKind, PresentedKey, Scope};
@@ -32,6 +33,10 @@ pub struct ProjectConfig {
     pub flags: Arc<CompiledFlagSet>,
     /// The current stored entries behind `flags`, with their versions.
     pub flag_entries: Vec<CurrentFlagEntry>,
+    /// Features, meters and plans, compiled.
+    pub catalog: Arc<Catalog>,
+    /// The catalog's stored version (0: never written).
+    pub catalog_version: i64,
 }
 
 /// Who is calling: the outcome of authenticating a request.
@@ -202,6 +207,8 @@ mod tests {
                 schemas: BTreeMap::new(),
                 flags: Default::default(),
                 flag_entries: Vec::new(),
+                catalog: Default::default(),
+                catalog_version: 0,
             },
             generated,
         )

@@ -5,11 +5,13 @@
 //! * [`org`]: an org's subscription, overrides, grants and usage, and the
 //!   rules over them (`check`, `consume`, `release`, metering, plan changes).
 
+pub mod answer;
 pub mod catalog;
 pub mod org;
 pub mod period;
 pub mod stripe;
 
+pub use answer::{Reply, UsageAnswer};
 pub use catalog::{Catalog, CatalogDocument, FeatureKind, Limit, PlanFeature};
 pub use org::{Decision, OrgCommand, OrgState, Reason};
 pub use period::{period_containing, Period, ResetInterval};
