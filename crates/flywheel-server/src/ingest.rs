@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flywheel_domain::events::{prepare, Event, Prepared, Rejection};
-use flywheel_domain::project::{KeyId, ProjectId};
+use flywheel_domain::project::KeyId;
 use flywheel_domain::snapshot::ProjectConfig;
-use flywheel_store::{CommitResult, EncodedEvent, EventBatch, Store, StoreError};
+use flywheel_store::{Billing, CommitResult, EncodedEvent, EventBatch, Store, StoreError};
+
+use crate::billing::OrgCache;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +50,8 @@ struct Job {
 #[derive(Debug, Clone)]
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
+    /// How long a `past_due` subscription keeps its plan (for meters).
+    grace: chrono::Duration,
     /// Woken after every commit (for live tails on this node).
     pub committed: Arc<Notify>,
 }
@@ -56,6 +60,8 @@ impl Committer {
     /// Starts the commit task; it stops after `cancel`, once queued jobs are written.
     pub fn spawn(
         store: Arc<dyn Store>,
+        orgs: Arc<OrgCache>,
+        grace: chrono::Duration,
         max_events: usize,
         cancel: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
@@ -63,27 +69,44 @@ impl Committer {
         let committed = Arc::new(Notify::new());
         let task = tokio::spawn(run(
             store,
+            orgs,
             receiver,
             max_events.max(1),
             committed.clone(),
             cancel,
         ));
-        (Self { jobs, committed }, task)
+        (
+            Self {
+                jobs,
+                grace,
+                committed,
+            },
+            task,
+        )
     }
 
     /// Commits one project's events (joining whatever else is waiting) and
     /// returns once they are durable.
     pub async fn commit(
         &self,
-        project: ProjectId,
+        config: &ProjectConfig,
         events: Vec<EncodedEvent>,
     ) -> Result<Vec<CommitResult>, ApiError> {
+        let project = config.project.id;
+        let billing = config.catalog.has_meters().then(|| Billing {
+            catalog: config.catalog.clone(),
+            grace: self.grace,
+        });
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            batch: EventBatch { project, events },
+            batch: EventBatch {
+                project,
+                events,
+                billing,
+            },
             reply,
         };
         let unavailable = || {
@@ -110,6 +133,7 @@ impl Committer {
 
 async fn run(
     store: Arc<dyn Store>,
+    orgs: Arc<OrgCache>,
     mut receiver: mpsc::Receiver<Job>,
     max_events: usize,
     committed: Arc<Notify>,
@@ -122,7 +146,7 @@ async fn run(
                 // Write what is queued, then stop.
                 receiver.close();
                 while let Some(job) = receiver.recv().await {
-                    commit_group(store.as_ref(), vec![job], &committed).await;
+                    commit_group(store.as_ref(), &orgs, vec![job], &committed).await;
                 }
                 return;
             }
@@ -139,11 +163,11 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_group(store.as_ref(), group, &committed).await;
+        commit_group(store.as_ref(), &orgs, group, &committed).await;
     }
 }
 
-async fn commit_group(store: &dyn Store, group: Vec<Job>, committed: &Notify) {
+async fn commit_group(store: &dyn Store, orgs: &OrgCache, group: Vec<Job>, committed: &Notify) {
     let started = Instant::now();
     let (batches, replies): (Vec<_>, Vec<_>) =
         group.into_iter().map(|job| (job.batch, job.reply)).unzip();
@@ -159,6 +183,7 @@ async fn commit_group(store: &dyn Store, group: Vec<Job>, committed: &Notify) {
                 merged.push(EventBatch {
                     project: batch.project,
                     events: Vec::new(),
+                    billing: batch.billing.clone(),
                 });
                 merged.len() - 1
             }
@@ -168,7 +193,11 @@ async fn commit_group(store: &dyn Store, group: Vec<Job>, committed: &Notify) {
         merged[slot].events.extend(batch.events);
     }
     match store.commit_events(&merged).await {
-        Ok(results) => {
+        Ok(commit) => {
+            // Usage is in the cache before any request is answered: a check
+            // after the 2xx sees the events' effect.
+            orgs.offer_all(commit.orgs);
+            let results = commit.results;
             for (reply, (slot, start, len)) in replies.into_iter().zip(spans) {
                 let _ = reply.send(Ok(results[slot][start..start + len].to_vec()));
             }
@@ -242,7 +271,7 @@ pub async fn ingest(
             Ok(Prepared::Rejected(rejection)) | Err(rejection) => outcome.rejected.push(rejection),
         }
     }
-    for result in committer.commit(config.project.id, events).await? {
+    for result in committer.commit(config, events).await? {
         match result {
             CommitResult::Accepted { .. } => outcome.accepted += 1,
             CommitResult::Duplicate => outcome.duplicates += 1,

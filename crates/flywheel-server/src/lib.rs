@@ -27,6 +27,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub mod auth;
+pub mod billing;
 pub mod error;
 pub mod ingest;
 pub mod openapi;
@@ -107,7 +108,15 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let background = CancellationToken::new();
     let (committer, committer_task) = ingest::Committer::spawn(
         store.clone(),
+        snapshot.orgs.clone(),
+        settings.billing.grace(),
         settings.ingest.group_commit_max_events,
+        background.clone(),
+    );
+    let (org_writer, org_writer_task) = billing::OrgWriter::spawn(
+        store.clone(),
+        snapshot.orgs.clone(),
+        settings.billing.write_batch_max,
         background.clone(),
     );
     let state = AppState {
@@ -121,6 +130,8 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             settings.flags.rate_limit_per_key,
         )),
         ingest: Arc::new(settings.ingest.clone()),
+        org_writer,
+        billing: Arc::new(settings.billing.clone()),
     };
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -170,6 +181,9 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         }
         if let Err(error) = committer_task.await {
             tracing::warn!(error = %error, "the event committer ended abnormally");
+        }
+        if let Err(error) = org_writer_task.await {
+            tracing::warn!(error = %error, "the org writer ended abnormally");
         }
         tracing::info!("shutdown complete");
         outcome

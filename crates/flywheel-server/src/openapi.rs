@@ -49,6 +49,21 @@ use crate::routes;
         routes::flags::stream,
         routes::ofrep::evaluate_flag,
         routes::ofrep::evaluate_flags,
+        routes::billing::get_catalog,
+        routes::billing::put_catalog,
+        routes::billing::catalog_versions,
+        routes::billing::check,
+        routes::billing::consume,
+        routes::billing::release,
+        routes::billing::entitlements,
+        routes::billing::get_subscription,
+        routes::billing::change_subscription,
+        routes::billing::cancel_subscription,
+        routes::billing::set_status,
+        routes::billing::add_grant,
+        routes::billing::list_grants,
+        routes::billing::put_override,
+        routes::billing::delete_override,
     ),
     components(schemas(
         crate::error::ErrorEnvelope,
@@ -64,6 +79,7 @@ use crate::routes;
         (name = "privacy", description = "Consent, IP and PII settings, event schemas, deleting a person"),
         (name = "flags", description = "Feature flags in flagd's format: admin, versions, snapshot, live stream"),
         (name = "ofrep", description = "OpenFeature Remote Evaluation Protocol"),
+        (name = "billing", description = "Plans, entitlements and usage: catalog, check, consume, release, subscriptions, grants, overrides"),
     )
 )]
 pub struct ApiDoc;

@@ -33,6 +33,7 @@ pub struct Settings {
     pub snapshot: SnapshotSettings,
     pub ingest: IngestSettings,
     pub flags: FlagSettings,
+    pub billing: BillingSettings,
 }
 
 impl Default for Settings {
@@ -47,6 +48,7 @@ impl Default for Settings {
             snapshot: SnapshotSettings::default(),
             ingest: IngestSettings::default(),
             flags: FlagSettings::default(),
+            billing: BillingSettings::default(),
         }
     }
 }
@@ -162,6 +164,32 @@ impl Default for FlagSettings {
         Self {
             rate_limit_per_key: 100_000,
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingSettings {
+    /// Days a `past_due` subscription keeps its plan before the default
+    /// plan applies.
+    pub past_due_grace_days: u32,
+    /// Most org writes (`consume`, `release`, plan changes) committed in one
+    /// transaction.
+    pub write_batch_max: usize,
+}
+
+impl Default for BillingSettings {
+    fn default() -> Self {
+        Self {
+            past_due_grace_days: 7,
+            write_batch_max: 512,
+        }
+    }
+}
+
+impl BillingSettings {
+    pub fn grace(&self) -> chrono::Duration {
+        chrono::Duration::days(i64::from(self.past_due_grace_days))
     }
 }
 

@@ -17,6 +17,8 @@ use flywheel_store::{ConfigSignal, Store, StoreError};
 use tokio::sync::{broadcast, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use crate::billing::OrgCache;
+
 #[derive(Debug)]
 pub struct SnapshotCache {
     current: ArcSwap<DecisionSnapshot>,
@@ -26,6 +28,8 @@ pub struct SnapshotCache {
     /// Announces a project whose flag set changed, with the new set's ETag,
     /// to live-update streams.
     flag_changes: broadcast::Sender<FlagSetChanged>,
+    /// Orgs' billing state (hot state beside the configuration).
+    pub orgs: Arc<OrgCache>,
 }
 
 /// A project's flags changed; `etag` is the new flag set's tag.
@@ -46,6 +50,7 @@ impl SnapshotCache {
             store,
             applied_seq: Mutex::new(cursor),
             flag_changes: broadcast::channel(256).0,
+            orgs: Arc::default(),
         })
     }
 
@@ -153,7 +158,19 @@ pub async fn watch(cache: Arc<SnapshotCache>, poll_interval: Duration, cancel: C
                     };
                     let applied = match signal {
                         Ok(ConfigSignal::Project(project)) => cache.reload_project(project).await,
-                        Ok(ConfigSignal::Resync) => cache.resync().await,
+                        Ok(ConfigSignal::Resync) => {
+                            // Org changes may have been missed too.
+                            cache.orgs.clear();
+                            cache.resync().await
+                        }
+                        Ok(ConfigSignal::OrgChanged {
+                            project,
+                            org_id,
+                            version,
+                        }) => {
+                            cache.orgs.invalidate(project, &org_id, version);
+                            Ok(())
+                        }
                         Err(error) => {
                             tracing::warn!(error = %error, "configuration listener failed; reconnecting");
                             break;

@@ -6,8 +6,9 @@ use flywheel_domain::clock::SharedClock;
 use flywheel_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::billing::OrgWriter;
 use crate::ingest::{Committer, RateLimiter};
-use crate::settings::IngestSettings;
+use crate::settings::{BillingSettings, IngestSettings};
 use crate::snapshot::SnapshotCache;
 
 #[derive(Clone)]
@@ -21,6 +22,9 @@ pub struct AppState {
     /// Per-key limit on OFREP evaluation requests.
     pub evaluation_rate_limiter: Arc<RateLimiter>,
     pub ingest: Arc<IngestSettings>,
+    /// Group-commits org writes (`consume`, `release`, plan changes).
+    pub org_writer: OrgWriter,
+    pub billing: Arc<BillingSettings>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -11,18 +11,22 @@
 //! Boundaries: this crate knows SQL and the domain types; it knows nothing of
 //! HTTP, settings files or the in-memory snapshot.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flywheel_domain::events::Event;
+use flywheel_domain::billing::org::{MeterInput, MeterReading, OrgCommand, OrgState};
+use flywheel_domain::billing::{Catalog, Reply};
+use flywheel_domain::events::{Event, EventType};
 use flywheel_domain::flags::{FlagAction, FlagChange, FlagEntryKind, FlagVersion};
 use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
 use flywheel_domain::schemas::EventSchema;
 use flywheel_domain::snapshot::ProjectConfig;
+use flywheel_domain::DomainError;
 
 pub mod postgres;
 pub mod sqlite;
@@ -88,12 +92,18 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// A signal from a [`ConfigListener`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigSignal {
     /// This project's configuration changed.
     Project(ProjectId),
     /// Changes may have been missed (e.g. a reconnect): reload everything.
     Resync,
+    /// An org's billing state was written (by any node) at this version.
+    OrgChanged {
+        project: ProjectId,
+        org_id: String,
+        version: i64,
+    },
 }
 
 /// Pushes configuration changes made by any process on the same store.
@@ -117,6 +127,75 @@ pub struct ConfigChanges {
 pub struct EventBatch {
     pub project: ProjectId,
     pub events: Vec<EncodedEvent>,
+    /// The project's catalog when the batch was prepared: its meters turn
+    /// the new events into usage in the same transaction.
+    pub billing: Option<Billing>,
+}
+
+/// What billing rules a write runs under.
+#[derive(Debug, Clone)]
+pub struct Billing {
+    pub catalog: Arc<Catalog>,
+    /// How long a `past_due` subscription keeps its plan.
+    pub grace: chrono::Duration,
+}
+
+/// The outcome of [`Store::commit_events`].
+#[derive(Debug, Clone, Default)]
+pub struct EventCommit {
+    /// One result per event, per batch.
+    pub results: Vec<Vec<CommitResult>>,
+    /// Orgs whose usage the new events changed, as committed.
+    pub orgs: Vec<(ProjectId, Arc<OrgState>)>,
+}
+
+/// A write to one org's billing state.
+#[derive(Debug, Clone)]
+pub struct OrgRequest {
+    pub project: ProjectId,
+    pub org_id: String,
+    pub command: OrgCommand,
+    /// Retries with the same key get the first reply and change nothing.
+    pub idempotency_key: Option<String>,
+    pub billing: Billing,
+    pub now: DateTime<Utc>,
+}
+
+impl OrgRequest {
+    /// What the key must keep meaning: a reused key with another request is
+    /// refused.
+    pub fn fingerprint(&self) -> String {
+        format!("{}|{:?}", self.org_id, self.command)
+    }
+}
+
+/// What became of one [`OrgRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrgResult {
+    Applied(Reply),
+    /// The idempotency key was used before for the same request: its first reply.
+    Replayed(Reply),
+    /// The idempotency key was used before for a different request.
+    KeyReused,
+    /// The rules refused the command; nothing changed.
+    Rejected(DomainError),
+}
+
+/// The outcome of [`Store::execute_org_requests`].
+#[derive(Debug, Clone, Default)]
+pub struct OrgCommit {
+    pub results: Vec<OrgResult>,
+    /// Every org the requests changed, as committed.
+    pub orgs: Vec<(ProjectId, Arc<OrgState>)>,
+}
+
+/// One version of a project's billing catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogVersion {
+    pub version: i64,
+    pub document: serde_json::Value,
+    pub actor: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// An event with the JSON it is stored as, encoded by the caller: callers
@@ -231,10 +310,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// sequence numbers of their project, duplicates (same project and
     /// `event_id`) are skipped, and each new event's effects are applied in
     /// the same transaction. Returns one result per event, per batch.
-    async fn commit_events(
-        &self,
-        batches: &[EventBatch],
-    ) -> Result<Vec<Vec<CommitResult>>, StoreError>;
+    async fn commit_events(&self, batches: &[EventBatch]) -> Result<EventCommit, StoreError>;
 
     async fn list_events(
         &self,
@@ -324,6 +400,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         kind: FlagEntryKind,
         key: &str,
     ) -> Result<Vec<FlagVersion>, StoreError>;
+
+    /// Writes a new version of the billing catalog (validated by the caller)
+    /// and records a configuration change.
+    async fn write_catalog(
+        &self,
+        project: ProjectId,
+        document: &serde_json::Value,
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> Result<CatalogVersion, StoreError>;
+
+    /// Every version of the catalog, oldest first.
+    async fn catalog_history(&self, project: ProjectId) -> Result<Vec<CatalogVersion>, StoreError>;
+
+    /// An org's billing state; `None` when nothing was written for it yet.
+    async fn load_org(
+        &self,
+        project: ProjectId,
+        org_id: &str,
+    ) -> Result<Option<OrgState>, StoreError>;
+
+    /// Applies org commands in order, in one transaction, each org locked
+    /// for the transaction (so concurrent writers on any node serialise per
+    /// org and a hard limit cannot be overrun). Idempotency keys are checked
+    /// and recorded in the same transaction.
+    async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError>;
 
     /// A push channel for changes, where the backend has one (PostgreSQL);
     /// `None` means the caller polls [`Store::config_changes_since`].
@@ -501,6 +603,167 @@ pub(crate) fn plan_flag_version(
                 other => other,
             };
             Some((next, action))
+        }
+    }
+}
+
+/// Runs org requests against states loaded and locked by the backend.
+/// `replies` holds what earlier requests stored under each idempotency key
+/// (fingerprint, reply); new ones are added. Returns one result per request.
+pub(crate) fn run_org_requests(
+    requests: &[OrgRequest],
+    states: &mut HashMap<(ProjectId, String), OrgState>,
+    replies: &mut HashMap<(ProjectId, String), (String, Reply)>,
+    fresh_replies: &mut Vec<(ProjectId, String, String, Reply, DateTime<Utc>)>,
+) -> Vec<OrgResult> {
+    requests
+        .iter()
+        .map(|request| {
+            let fingerprint = request.fingerprint();
+            if let Some(key) = &request.idempotency_key {
+                if let Some((stored, reply)) = replies.get(&(request.project, key.clone())) {
+                    return if *stored == fingerprint {
+                        OrgResult::Replayed(reply.clone())
+                    } else {
+                        OrgResult::KeyReused
+                    };
+                }
+            }
+            let state = states
+                .get_mut(&(request.project, request.org_id.clone()))
+                .expect("the backend loads every org a request names");
+            let mut next = state.clone();
+            match next.execute(
+                &request.billing.catalog,
+                &request.command,
+                request.billing.grace,
+                request.now,
+            ) {
+                Ok(reply) => {
+                    *state = next;
+                    if let Some(key) = &request.idempotency_key {
+                        replies.insert(
+                            (request.project, key.clone()),
+                            (fingerprint.clone(), reply.clone()),
+                        );
+                        fresh_replies.push((
+                            request.project,
+                            key.clone(),
+                            fingerprint,
+                            reply.clone(),
+                            request.now,
+                        ));
+                    }
+                    OrgResult::Applied(reply)
+                }
+                Err(error) => OrgResult::Rejected(error),
+            }
+        })
+        .collect()
+}
+
+/// What committing new events adds to meters, per (project, org): the
+/// events' meter inputs in commit order. Only `track` events with an org
+/// count; usage lands in the period containing `at` (commit time).
+pub(crate) fn meter_inputs<'a>(
+    billing: &'a Billing,
+    events: impl IntoIterator<Item = &'a Event>,
+) -> Vec<(
+    String,
+    &'a flywheel_domain::billing::catalog::MeterDefinition,
+    MeterInput,
+)> {
+    let mut inputs = Vec::new();
+    if !billing.catalog.has_meters() {
+        return inputs;
+    }
+    for event in events {
+        let Some(org) = &event.org_id else {
+            continue;
+        };
+        let name = &event.event;
+        if event.kind != EventType::Track {
+            continue;
+        }
+        for meter in billing.catalog.meters_for_event(name) {
+            if let Some(input) = flywheel_domain::billing::org::read_meter(meter, &event.properties)
+            {
+                inputs.push((org.clone(), meter, input));
+            }
+        }
+    }
+    inputs
+}
+
+/// Applies meter readings to loaded org states (unique values already
+/// resolved to `Add(1)` or dropped by the backend).
+pub(crate) fn apply_readings(
+    billing: &Billing,
+    states: &mut HashMap<String, OrgState>,
+    readings: Vec<(
+        String,
+        &flywheel_domain::billing::catalog::MeterDefinition,
+        MeterReading,
+    )>,
+    at: DateTime<Utc>,
+) {
+    for (org, meter, reading) in readings {
+        if let Some(state) = states.get_mut(&org) {
+            state.record(&billing.catalog, meter, reading, billing.grace, at);
+        }
+    }
+}
+
+/// What saving `after` over `before` writes: the org row when its own
+/// fields changed, and the counters and grants that differ. Bumps the
+/// version when anything changed; `None` when nothing did.
+pub(crate) fn plan_org_write(before: &OrgState, after: &mut OrgState) -> Option<OrgWrite> {
+    if before == after {
+        return None;
+    }
+    after.version = before.version + 1;
+    let counters = after
+        .usage
+        .iter()
+        .filter(|(feature, counter)| before.usage.get(*feature) != Some(*counter))
+        .map(|(feature, counter)| (feature.clone(), *counter))
+        .collect();
+    let grants = after
+        .grants
+        .iter()
+        .filter(|grant| !before.grants.contains(grant))
+        .cloned()
+        .collect();
+    Some(OrgWrite { counters, grants })
+}
+
+/// See [`plan_org_write`]. The org row (subscription, overrides, version) is
+/// always written.
+pub(crate) struct OrgWrite {
+    pub counters: Vec<(String, flywheel_domain::billing::org::UsageCounter)>,
+    pub grants: Vec<flywheel_domain::billing::org::UsageGrant>,
+}
+
+/// Compiles the stored catalog of a project. Documents are validated before
+/// they are written, so a failure means a newer binary wrote it or the rules
+/// tightened: the project runs on an empty catalog and the problem is logged.
+pub(crate) fn compile_stored_catalog(
+    project: ProjectId,
+    document: Option<serde_json::Value>,
+) -> Arc<Catalog> {
+    let Some(document) = document else {
+        return Arc::default();
+    };
+    let compiled = serde_json::from_value(document)
+        .map_err(|error| vec![DomainError::invalid("invalid_catalog", error.to_string())])
+        .and_then(Catalog::compile);
+    match compiled {
+        Ok(catalog) => Arc::new(catalog),
+        Err(problems) => {
+            for problem in problems {
+                tracing::error!(project = %project.0, %problem, "the stored catalog does not compile; running without it");
+            }
+            Arc::default()
         }
     }
 }

@@ -27,12 +27,20 @@ use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, plan_flag_version, plan_links, redact_url, timed, Backend, CommitResult,
-    ConfigChanges, ConfigListener, ConfigSignal, EncodedEvent, EventBatch, EventQuery, OpenError,
-    SchemaViolation, Store, StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
+    plan_links, plan_org_write, redact_url, run_org_requests, timed, Backend, Billing,
+    CatalogVersion, CommitResult, ConfigChanges, ConfigListener, ConfigSignal, EncodedEvent,
+    EventBatch, EventCommit, EventQuery, OpenError, OrgCommit, OrgRequest, SchemaViolation, Store,
+    StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
+use flywheel_domain::billing::org::{MeterInput, MeterReading, OrgState, UsageCounter, UsageGrant};
+use flywheel_domain::billing::Reply;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The NOTIFY channel carrying `"{project_id} {version} {org_id}"` for every
+/// write to an org's billing state, so other nodes drop stale cache entries.
+pub const ORG_CHANNEL: &str = "flywheel_org_changes";
 
 /// The NOTIFY channel carrying changed project ids.
 pub const CONFIG_CHANNEL: &str = "flywheel_config_changes";
@@ -128,7 +136,23 @@ impl PgStore {
         for problem in problems {
             tracing::error!(project = %project.id.0, problem, "a stored flag does not compile; left out");
         }
+        let catalog_row = sqlx::query(
+            "SELECT version, document FROM catalog_versions WHERE project_id = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(project.id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (catalog_version, document) = match catalog_row {
+            Some(row) => (
+                row.try_get::<i64, _>("version")?,
+                Some(row.try_get::<serde_json::Value, _>("document")?),
+            ),
+            None => (0, None),
+        };
         Ok(ProjectConfig {
+            catalog: compile_stored_catalog(project.id, document),
+            catalog_version,
             project,
             keys,
             settings,
@@ -239,6 +263,7 @@ const ROWS_PER_STATEMENT: usize = 1000;
 async fn commit_batch(
     tx: &mut PgConnection,
     batch: &EventBatch,
+    orgs: &mut Vec<(ProjectId, std::sync::Arc<OrgState>)>,
 ) -> Result<Vec<CommitResult>, StoreError> {
     let project = batch.project.0;
     // The project's sequence row is the lock every writer of the project
@@ -326,6 +351,12 @@ async fn commit_batch(
         .map(|(seq, encoded)| (*seq, &encoded.event))
         .collect();
     apply_effects(tx, project, &fresh).await?;
+    if let Some(billing) = &batch.billing {
+        let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
+        for state in apply_meters(tx, project, billing, &events).await? {
+            orgs.push((batch.project, std::sync::Arc::new(state)));
+        }
+    }
     Ok(results)
 }
 
@@ -658,22 +689,22 @@ impl Store for PgStore {
         .await
     }
 
-    async fn commit_events(
-        &self,
-        batches: &[EventBatch],
-    ) -> Result<Vec<Vec<CommitResult>>, StoreError> {
+    async fn commit_events(&self, batches: &[EventBatch]) -> Result<EventCommit, StoreError> {
         timed(Backend::Postgres, "commit_events", async {
             // Lock projects in one global order so two nodes committing
             // overlapping projects cannot deadlock.
             let mut order: Vec<usize> = (0..batches.len()).collect();
             order.sort_by_key(|&i| batches[i].project);
             let mut tx = self.pool.begin().await?;
-            let mut results = vec![Vec::new(); batches.len()];
+            let mut commit = EventCommit {
+                results: vec![Vec::new(); batches.len()],
+                orgs: Vec::new(),
+            };
             for i in order {
-                results[i] = commit_batch(&mut tx, &batches[i]).await?;
+                commit.results[i] = commit_batch(&mut tx, &batches[i], &mut commit.orgs).await?;
             }
             tx.commit().await?;
-            Ok(results)
+            Ok(commit)
         })
         .await
     }
@@ -1016,9 +1047,157 @@ impl Store for PgStore {
         .await
     }
 
+    async fn write_catalog(
+        &self,
+        project: ProjectId,
+        document: &serde_json::Value,
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> Result<CatalogVersion, StoreError> {
+        timed(Backend::Postgres, "write_catalog", async {
+            let mut tx = self.pool.begin().await?;
+            // Versions are numbered by reading the newest: one writer at a time.
+            let exists = sqlx::query("SELECT id FROM projects WHERE id = $1 FOR UPDATE")
+                .bind(project.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            let latest: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(version) FROM catalog_versions WHERE project_id = $1",
+            )
+            .bind(project.0)
+            .fetch_one(&mut *tx)
+            .await?;
+            let version = latest.unwrap_or(0) + 1;
+            sqlx::query(
+                "INSERT INTO catalog_versions (project_id, version, document, actor, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(project.0)
+            .bind(version)
+            .bind(document)
+            .bind(actor)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            Self::record_change(&mut tx, project, "catalog", at).await?;
+            tx.commit().await?;
+            Ok(CatalogVersion {
+                version,
+                document: document.clone(),
+                actor: actor.to_string(),
+                created_at: at,
+            })
+        })
+        .await
+    }
+
+    async fn catalog_history(&self, project: ProjectId) -> Result<Vec<CatalogVersion>, StoreError> {
+        timed(Backend::Postgres, "catalog_history", async {
+            let rows = sqlx::query(
+                "SELECT version, document, actor, created_at FROM catalog_versions \
+                 WHERE project_id = $1 ORDER BY version",
+            )
+            .bind(project.0)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(CatalogVersion {
+                        version: row.try_get("version")?,
+                        document: row.try_get("document")?,
+                        actor: row.try_get("actor")?,
+                        created_at: row.try_get("created_at")?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn load_org(
+        &self,
+        project: ProjectId,
+        org_id: &str,
+    ) -> Result<Option<OrgState>, StoreError> {
+        timed(Backend::Postgres, "load_org", async {
+            let mut conn = self.pool.acquire().await?;
+            let ids = [org_id.to_string()];
+            let mut states = load_orgs_in(&mut conn, project.0, &ids, Utc::now(), false).await?;
+            Ok(states.remove(org_id).filter(|state| state.version > 0))
+        })
+        .await
+    }
+
+    async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError> {
+        timed(Backend::Postgres, "execute_org_requests", async {
+            let mut tx = self.pool.begin().await?;
+            let mut replies = HashMap::new();
+            for request in requests {
+                let Some(key) = &request.idempotency_key else { continue };
+                let row = sqlx::query(
+                    "SELECT fingerprint, reply FROM org_requests WHERE project_id = $1 AND idempotency_key = $2",
+                )
+                .bind(request.project.0)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = row {
+                    let reply: Reply = serde_json::from_value(row.try_get("reply")?).map_err(StoreError::internal)?;
+                    replies.insert((request.project, key.clone()), (row.try_get("fingerprint")?, reply));
+                }
+            }
+            // Lock every org in one global order: no two nodes deadlock.
+            let mut keys: Vec<(ProjectId, String)> = requests
+                .iter()
+                .map(|request| (request.project, request.org_id.clone()))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let mut states = HashMap::new();
+            for key in &keys {
+                // A new org is created as of the first request naming it.
+                let now = requests
+                    .iter()
+                    .find(|request| request.project == key.0 && request.org_id == key.1)
+                    .map_or_else(Utc::now, |request| request.now);
+                let loaded = load_orgs_in(&mut tx, key.0 .0, std::slice::from_ref(&key.1), now, true).await?;
+                states.insert(key.clone(), loaded.into_values().next().expect("one org loaded"));
+            }
+            let before = states.clone();
+            let mut fresh = Vec::new();
+            let results = run_org_requests(requests, &mut states, &mut replies, &mut fresh);
+            let mut commit = OrgCommit { results, orgs: Vec::new() };
+            for key in keys {
+                let after = states.remove(&key).expect("listed above");
+                if let Some(saved) = save_org_in(&mut tx, key.0 .0, &before[&key], after).await? {
+                    commit.orgs.push((key.0, std::sync::Arc::new(saved)));
+                }
+            }
+            for (project, key, fingerprint, reply, at) in fresh {
+                sqlx::query(
+                    "INSERT INTO org_requests (project_id, idempotency_key, fingerprint, reply, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(project.0)
+                .bind(key)
+                .bind(fingerprint)
+                .bind(serde_json::to_value(&reply).map_err(StoreError::internal)?)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(commit)
+        })
+        .await
+    }
+
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(CONFIG_CHANNEL).await?;
+        listener.listen_all([CONFIG_CHANNEL, ORG_CHANNEL]).await?;
         Ok(Some(Box::new(PgConfigListener { listener })))
     }
 }
@@ -1034,6 +1213,9 @@ impl ConfigListener for PgConfigListener {
         // re-established: notifications sent meanwhile are lost.
         match self.listener.try_recv().await? {
             None => Ok(ConfigSignal::Resync),
+            Some(notification) if notification.channel() == ORG_CHANNEL => {
+                Ok(parse_org_notification(notification.payload()).unwrap_or(ConfigSignal::Resync))
+            }
             Some(notification) => match Uuid::from_str(notification.payload()) {
                 Ok(id) => Ok(ConfigSignal::Project(ProjectId(id))),
                 Err(_) => Ok(ConfigSignal::Resync),
@@ -1053,4 +1235,241 @@ fn event_ids(event: &Event) -> impl Iterator<Item = &str> {
 
 fn is_suppressed(event: &Event, suppressed: &HashSet<String>) -> bool {
     !suppressed.is_empty() && event_ids(event).any(|id| suppressed.contains(id))
+}
+
+fn parse_org_notification(payload: &str) -> Option<ConfigSignal> {
+    let mut parts = payload.splitn(3, ' ');
+    let project = Uuid::from_str(parts.next()?).ok()?;
+    let version = parts.next()?.parse().ok()?;
+    let org_id = parts.next()?.to_string();
+    Some(ConfigSignal::OrgChanged {
+        project: ProjectId(project),
+        org_id,
+        version,
+    })
+}
+
+// ---- Billing: org state, usage, idempotent org requests ------------------
+
+/// Loads the orgs' billing state. With `lock`, each org row is created if
+/// missing and locked `FOR UPDATE` until the transaction ends: concurrent
+/// writers of one org serialise on every node (callers lock in sorted order).
+async fn load_orgs_in(
+    conn: &mut PgConnection,
+    project: Uuid,
+    org_ids: &[String],
+    now: DateTime<Utc>,
+    lock: bool,
+) -> Result<HashMap<String, OrgState>, StoreError> {
+    let mut states = HashMap::with_capacity(org_ids.len());
+    let mut sorted: Vec<&String> = org_ids.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    for org_id in sorted {
+        if lock {
+            sqlx::query(
+                "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
+                 VALUES ($1, $2, $3, NULL, '{}', 0) ON CONFLICT DO NOTHING",
+            )
+            .bind(project)
+            .bind(org_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        }
+        let sql = if lock {
+            "SELECT created_at, subscription, overrides, version FROM orgs \
+             WHERE project_id = $1 AND org_id = $2 FOR UPDATE"
+        } else {
+            "SELECT created_at, subscription, overrides, version FROM orgs \
+             WHERE project_id = $1 AND org_id = $2"
+        };
+        let row = sqlx::query(sql)
+            .bind(project)
+            .bind(org_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let mut state = OrgState::new(org_id.clone(), now);
+        if let Some(row) = row {
+            state.created_at = row.try_get("created_at")?;
+            let subscription: Option<serde_json::Value> = row.try_get("subscription")?;
+            state.subscription = subscription
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(StoreError::internal)?;
+            state.overrides =
+                serde_json::from_value(row.try_get("overrides")?).map_err(StoreError::internal)?;
+            state.version = row.try_get("version")?;
+            let counters = sqlx::query(
+                "SELECT DISTINCT ON (feature) feature, period_start, plan_used, grant_used \
+                 FROM usage_counters WHERE project_id = $1 AND org_id = $2 \
+                 ORDER BY feature, period_start DESC",
+            )
+            .bind(project)
+            .bind(org_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in counters {
+                state.usage.insert(
+                    row.try_get("feature")?,
+                    UsageCounter {
+                        period_start: row.try_get("period_start")?,
+                        plan_used: row.try_get("plan_used")?,
+                        grant_used: row.try_get("grant_used")?,
+                    },
+                );
+            }
+            let grants = sqlx::query(
+                "SELECT grant_id, feature, amount, remaining, expires_at, created_at, reason \
+                 FROM usage_grants WHERE project_id = $1 AND org_id = $2 ORDER BY created_at, grant_id",
+            )
+            .bind(project)
+            .bind(org_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in grants {
+                state.grants.push(UsageGrant {
+                    id: row.try_get("grant_id")?,
+                    feature: row.try_get("feature")?,
+                    amount: row.try_get("amount")?,
+                    remaining: row.try_get("remaining")?,
+                    expires_at: row.try_get("expires_at")?,
+                    created_at: row.try_get("created_at")?,
+                    reason: row.try_get("reason")?,
+                });
+            }
+        }
+        states.insert(org_id.clone(), state);
+    }
+    Ok(states)
+}
+
+/// Writes what changed between `before` and `after` (bumping the version)
+/// and notifies other nodes. Returns the committed state when anything changed.
+async fn save_org_in(
+    conn: &mut PgConnection,
+    project: Uuid,
+    before: &OrgState,
+    mut after: OrgState,
+) -> Result<Option<OrgState>, StoreError> {
+    let Some(write) = plan_org_write(before, &mut after) else {
+        return Ok(None);
+    };
+    let subscription = after
+        .subscription
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(StoreError::internal)?;
+    sqlx::query(
+        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project_id, org_id) DO UPDATE SET \
+         subscription = excluded.subscription, overrides = excluded.overrides, version = excluded.version",
+    )
+    .bind(project)
+    .bind(&after.org_id)
+    .bind(after.created_at)
+    .bind(subscription)
+    .bind(serde_json::to_value(&after.overrides).map_err(StoreError::internal)?)
+    .bind(after.version)
+    .execute(&mut *conn)
+    .await?;
+    for (feature, counter) in &write.counters {
+        sqlx::query(
+            "INSERT INTO usage_counters (project_id, org_id, feature, period_start, plan_used, grant_used) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project_id, org_id, feature, period_start) \
+             DO UPDATE SET plan_used = excluded.plan_used, grant_used = excluded.grant_used",
+        )
+        .bind(project)
+        .bind(&after.org_id)
+        .bind(feature)
+        .bind(counter.period_start)
+        .bind(counter.plan_used)
+        .bind(counter.grant_used)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for grant in &write.grants {
+        sqlx::query(
+            "INSERT INTO usage_grants (project_id, org_id, grant_id, feature, amount, remaining, expires_at, created_at, reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (project_id, org_id, grant_id) \
+             DO UPDATE SET remaining = excluded.remaining",
+        )
+        .bind(project)
+        .bind(&after.org_id)
+        .bind(grant.id)
+        .bind(&grant.feature)
+        .bind(grant.amount)
+        .bind(grant.remaining)
+        .bind(grant.expires_at)
+        .bind(grant.created_at)
+        .bind(&grant.reason)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(ORG_CHANNEL)
+        .bind(format!("{project} {} {}", after.version, after.org_id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(after))
+}
+
+/// Applies the meters of a batch's new events, in the events' transaction.
+async fn apply_meters(
+    conn: &mut PgConnection,
+    project: Uuid,
+    billing: &Billing,
+    events: &[&Event],
+) -> Result<Vec<OrgState>, StoreError> {
+    let inputs = meter_inputs(billing, events.iter().copied());
+    if inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = events
+        .iter()
+        .map(|event| event.received_at)
+        .max()
+        .expect("inputs come from events");
+    let org_ids: Vec<String> = inputs.iter().map(|(org, ..)| org.clone()).collect();
+    let mut states = load_orgs_in(conn, project, &org_ids, now, true).await?;
+    let before = states.clone();
+    let mut readings = Vec::with_capacity(inputs.len());
+    for (org, meter, input) in inputs {
+        let reading = match input {
+            MeterInput::Reading(reading) => reading,
+            MeterInput::Unique(value) => {
+                let state = &states[&org];
+                let period = state.period_for(&billing.catalog, &meter.feature, billing.grace, now);
+                let inserted = sqlx::query(
+                    "INSERT INTO meter_unique_values (project_id, org_id, meter, period_start, value) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                )
+                .bind(project)
+                .bind(&org)
+                .bind(&meter.key)
+                .bind(period.start)
+                .bind(&value)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    continue;
+                }
+                MeterReading::Add(1)
+            }
+        };
+        readings.push((org, meter, reading));
+    }
+    apply_readings(billing, &mut states, readings, now);
+    let mut saved = Vec::new();
+    let mut orgs: Vec<String> = states.keys().cloned().collect();
+    orgs.sort();
+    for org in orgs {
+        let after = states.remove(&org).expect("listed above");
+        if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
+            saved.push(state);
+        }
+    }
+    Ok(saved)
 }

@@ -30,10 +30,14 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::{
-    distinct_projects, plan_flag_version, plan_links, timed, Backend, CommitResult, ConfigChanges,
-    ConfigListener, EncodedEvent, EventBatch, EventQuery, OpenError, SchemaViolation, Store,
-    StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
+    apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
+    plan_links, plan_org_write, run_org_requests, timed, Backend, Billing, CatalogVersion,
+    CommitResult, ConfigChanges, ConfigListener, EncodedEvent, EventBatch, EventCommit, EventQuery,
+    OpenError, OrgCommit, OrgRequest, SchemaViolation, Store, StoreError, StoreOptions,
+    StoredEvent, MAX_LINK_DEPTH,
 };
+use flywheel_domain::billing::org::{MeterInput, MeterReading, OrgState, UsageCounter, UsageGrant};
+use flywheel_domain::billing::Reply;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -129,7 +133,23 @@ impl SqliteStore {
         for problem in problems {
             tracing::error!(project = %project.id.0, problem, "a stored flag does not compile; left out");
         }
+        let catalog_row = sqlx::query(
+            "SELECT version, document FROM catalog_versions WHERE project_id = ? \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&id)
+        .fetch_optional(&self.reader)
+        .await?;
+        let (catalog_version, document) = match catalog_row {
+            Some(row) => (
+                row.try_get::<i64, _>("version")?,
+                Some(from_json_text(&row.try_get::<String, _>("document")?)?),
+            ),
+            None => (0, None),
+        };
         Ok(ProjectConfig {
+            catalog: compile_stored_catalog(project.id, document),
+            catalog_version,
             project,
             keys,
             settings,
@@ -288,6 +308,7 @@ fn decode_error(message: String) -> StoreError {
 async fn commit_batch(
     tx: &mut SqliteConnection,
     batch: &EventBatch,
+    orgs: &mut Vec<(ProjectId, std::sync::Arc<OrgState>)>,
 ) -> Result<Vec<CommitResult>, StoreError> {
     let project = batch.project.0.to_string();
     let mut stored: HashSet<String> = HashSet::new();
@@ -359,6 +380,12 @@ async fn commit_batch(
         .map(|(seq, encoded)| (*seq, &encoded.event))
         .collect();
     apply_effects(tx, &project, &fresh).await?;
+    if let Some(billing) = &batch.billing {
+        let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
+        for state in apply_meters(tx, &project, billing, &events).await? {
+            orgs.push((batch.project, std::sync::Arc::new(state)));
+        }
+    }
     Ok(results)
 }
 
@@ -704,18 +731,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn commit_events(
-        &self,
-        batches: &[EventBatch],
-    ) -> Result<Vec<Vec<CommitResult>>, StoreError> {
+    async fn commit_events(&self, batches: &[EventBatch]) -> Result<EventCommit, StoreError> {
         timed(Backend::Sqlite, "commit_events", async {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let mut results = Vec::with_capacity(batches.len());
+            let mut commit = EventCommit::default();
             for batch in batches {
-                results.push(commit_batch(&mut tx, batch).await?);
+                let results = commit_batch(&mut tx, batch, &mut commit.orgs).await?;
+                commit.results.push(results);
             }
             tx.commit().await?;
-            Ok(results)
+            Ok(commit)
         })
         .await
     }
@@ -1082,6 +1107,144 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn write_catalog(
+        &self,
+        project: ProjectId,
+        document: &serde_json::Value,
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> Result<CatalogVersion, StoreError> {
+        timed(Backend::Sqlite, "write_catalog", async {
+            let id = project.0.to_string();
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let latest: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(version) FROM catalog_versions WHERE project_id = ?",
+            )
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let version = latest.unwrap_or(0) + 1;
+            sqlx::query(
+                "INSERT INTO catalog_versions (project_id, version, document, actor, created_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(version)
+            .bind(json_text(document)?)
+            .bind(actor)
+            .bind(at.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(|error| StoreError::from_sqlx(error, "project_not_found"))?;
+            Self::record_change(&mut tx, project, "catalog", at).await?;
+            tx.commit().await?;
+            Ok(CatalogVersion {
+                version,
+                document: document.clone(),
+                actor: actor.to_string(),
+                created_at: at,
+            })
+        })
+        .await
+    }
+
+    async fn catalog_history(&self, project: ProjectId) -> Result<Vec<CatalogVersion>, StoreError> {
+        timed(Backend::Sqlite, "catalog_history", async {
+            let rows = sqlx::query(
+                "SELECT version, document, actor, created_at FROM catalog_versions \
+                 WHERE project_id = ? ORDER BY version",
+            )
+            .bind(project.0.to_string())
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(CatalogVersion {
+                        version: row.try_get("version")?,
+                        document: from_json_text(&row.try_get::<String, _>("document")?)?,
+                        actor: row.try_get("actor")?,
+                        created_at: micros_to_time(row.try_get("created_at")?)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn load_org(
+        &self,
+        project: ProjectId,
+        org_id: &str,
+    ) -> Result<Option<OrgState>, StoreError> {
+        timed(Backend::Sqlite, "load_org", async {
+            let mut conn = self.reader.acquire().await?;
+            let ids = [org_id.to_string()];
+            let mut states =
+                load_orgs_in(&mut conn, &project.0.to_string(), &ids, Utc::now()).await?;
+            Ok(states.remove(org_id).filter(|state| state.version > 0))
+        })
+        .await
+    }
+
+    async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError> {
+        timed(Backend::Sqlite, "execute_org_requests", async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let mut replies = HashMap::new();
+            for request in requests {
+                let Some(key) = &request.idempotency_key else { continue };
+                let row = sqlx::query(
+                    "SELECT fingerprint, reply FROM org_requests WHERE project_id = ? AND idempotency_key = ?",
+                )
+                .bind(request.project.0.to_string())
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = row {
+                    let reply: Reply = from_json_text(&row.try_get::<String, _>("reply")?)?;
+                    replies.insert((request.project, key.clone()), (row.try_get("fingerprint")?, reply));
+                }
+            }
+            let mut states = HashMap::new();
+            for request in requests {
+                let key = (request.project, request.org_id.clone());
+                if states.contains_key(&key) {
+                    continue;
+                }
+                let project = request.project.0.to_string();
+                let loaded = load_orgs_in(&mut tx, &project, std::slice::from_ref(&request.org_id), request.now).await?;
+                states.insert(key, loaded.into_values().next().expect("one org loaded"));
+            }
+            let before = states.clone();
+            let mut fresh = Vec::new();
+            let results = run_org_requests(requests, &mut states, &mut replies, &mut fresh);
+            let mut commit = OrgCommit { results, orgs: Vec::new() };
+            let mut keys: Vec<(ProjectId, String)> = states.keys().cloned().collect();
+            keys.sort();
+            for key in keys {
+                let after = states.remove(&key).expect("listed above");
+                if let Some(saved) = save_org_in(&mut tx, &key.0 .0.to_string(), &before[&key], after).await? {
+                    commit.orgs.push((key.0, std::sync::Arc::new(saved)));
+                }
+            }
+            for (project, key, fingerprint, reply, at) in fresh {
+                sqlx::query(
+                    "INSERT INTO org_requests (project_id, idempotency_key, fingerprint, reply, created_at) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(project.0.to_string())
+                .bind(key)
+                .bind(fingerprint)
+                .bind(json_text(&reply)?)
+                .bind(at.timestamp_micros())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(commit)
+        })
+        .await
+    }
+
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
         // Writers serialise on SQLite's lock, so sequence numbers commit in
         // order and polling `config_changes_since` never skips a change.
@@ -1100,4 +1263,210 @@ fn event_ids(event: &Event) -> impl Iterator<Item = &str> {
 
 fn is_suppressed(event: &Event, suppressed: &HashSet<String>) -> bool {
     !suppressed.is_empty() && event_ids(event).any(|id| suppressed.contains(id))
+}
+
+// ---- Billing: org state, usage, idempotent org requests ------------------
+
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(StoreError::internal)
+}
+
+fn from_json_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(StoreError::internal)
+}
+
+/// Loads the orgs' billing state (SQLite has one writer, so the transaction
+/// already excludes every other writer). Orgs without a row start fresh,
+/// created `now`.
+async fn load_orgs_in(
+    conn: &mut SqliteConnection,
+    project: &str,
+    org_ids: &[String],
+    now: DateTime<Utc>,
+) -> Result<HashMap<String, OrgState>, StoreError> {
+    let mut states = HashMap::with_capacity(org_ids.len());
+    for org_id in org_ids {
+        if states.contains_key(org_id) {
+            continue;
+        }
+        let row = sqlx::query(
+            "SELECT created_at, subscription, overrides, version FROM orgs \
+             WHERE project_id = ? AND org_id = ?",
+        )
+        .bind(project)
+        .bind(org_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let mut state = OrgState::new(org_id.clone(), now);
+        if let Some(row) = row {
+            state.created_at = micros_to_time(row.try_get("created_at")?)?;
+            let subscription: Option<String> = row.try_get("subscription")?;
+            state.subscription = subscription.as_deref().map(from_json_text).transpose()?;
+            state.overrides = from_json_text(&row.try_get::<String, _>("overrides")?)?;
+            state.version = row.try_get("version")?;
+            let counters = sqlx::query(
+                "SELECT feature, period_start, plan_used, grant_used FROM usage_counters AS c \
+                 WHERE project_id = ? AND org_id = ? AND period_start = \
+                 (SELECT MAX(period_start) FROM usage_counters AS d WHERE d.project_id = c.project_id \
+                  AND d.org_id = c.org_id AND d.feature = c.feature)",
+            )
+            .bind(project)
+            .bind(org_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in counters {
+                state.usage.insert(
+                    row.try_get("feature")?,
+                    UsageCounter {
+                        period_start: micros_to_time(row.try_get("period_start")?)?,
+                        plan_used: row.try_get("plan_used")?,
+                        grant_used: row.try_get("grant_used")?,
+                    },
+                );
+            }
+            let grants = sqlx::query(
+                "SELECT grant_id, feature, amount, remaining, expires_at, created_at, reason \
+                 FROM usage_grants WHERE project_id = ? AND org_id = ? ORDER BY created_at, grant_id",
+            )
+            .bind(project)
+            .bind(org_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in grants {
+                state.grants.push(UsageGrant {
+                    id: uuid_column(&row, "grant_id")?,
+                    feature: row.try_get("feature")?,
+                    amount: row.try_get("amount")?,
+                    remaining: row.try_get("remaining")?,
+                    expires_at: row
+                        .try_get::<Option<i64>, _>("expires_at")?
+                        .map(micros_to_time)
+                        .transpose()?,
+                    created_at: micros_to_time(row.try_get("created_at")?)?,
+                    reason: row.try_get("reason")?,
+                });
+            }
+        }
+        states.insert(org_id.clone(), state);
+    }
+    Ok(states)
+}
+
+/// Writes what changed between `before` and `after` (bumping the version).
+/// Returns the committed state when anything changed.
+async fn save_org_in(
+    conn: &mut SqliteConnection,
+    project: &str,
+    before: &OrgState,
+    mut after: OrgState,
+) -> Result<Option<OrgState>, StoreError> {
+    let Some(write) = plan_org_write(before, &mut after) else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id) DO UPDATE SET \
+         subscription = excluded.subscription, overrides = excluded.overrides, version = excluded.version",
+    )
+    .bind(project)
+    .bind(&after.org_id)
+    .bind(after.created_at.timestamp_micros())
+    .bind(after.subscription.as_ref().map(json_text).transpose()?)
+    .bind(json_text(&after.overrides)?)
+    .bind(after.version)
+    .execute(&mut *conn)
+    .await?;
+    for (feature, counter) in &write.counters {
+        sqlx::query(
+            "INSERT INTO usage_counters (project_id, org_id, feature, period_start, plan_used, grant_used) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id, feature, period_start) \
+             DO UPDATE SET plan_used = excluded.plan_used, grant_used = excluded.grant_used",
+        )
+        .bind(project)
+        .bind(&after.org_id)
+        .bind(feature)
+        .bind(counter.period_start.timestamp_micros())
+        .bind(counter.plan_used)
+        .bind(counter.grant_used)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for grant in &write.grants {
+        sqlx::query(
+            "INSERT INTO usage_grants (project_id, org_id, grant_id, feature, amount, remaining, expires_at, created_at, reason) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id, grant_id) \
+             DO UPDATE SET remaining = excluded.remaining",
+        )
+        .bind(project)
+        .bind(&after.org_id)
+        .bind(grant.id.to_string())
+        .bind(&grant.feature)
+        .bind(grant.amount)
+        .bind(grant.remaining)
+        .bind(grant.expires_at.map(|at| at.timestamp_micros()))
+        .bind(grant.created_at.timestamp_micros())
+        .bind(&grant.reason)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(Some(after))
+}
+
+/// Applies the meters of a batch's new events, in the events' transaction.
+async fn apply_meters(
+    conn: &mut SqliteConnection,
+    project: &str,
+    billing: &Billing,
+    events: &[&Event],
+) -> Result<Vec<OrgState>, StoreError> {
+    let inputs = meter_inputs(billing, events.iter().copied());
+    if inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = events
+        .iter()
+        .map(|event| event.received_at)
+        .max()
+        .expect("inputs come from events");
+    let org_ids: Vec<String> = inputs.iter().map(|(org, ..)| org.clone()).collect();
+    let mut states = load_orgs_in(conn, project, &org_ids, now).await?;
+    let before = states.clone();
+    let mut readings = Vec::with_capacity(inputs.len());
+    for (org, meter, input) in inputs {
+        let reading = match input {
+            MeterInput::Reading(reading) => reading,
+            MeterInput::Unique(value) => {
+                let state = &states[&org];
+                let period = state.period_for(&billing.catalog, &meter.feature, billing.grace, now);
+                let inserted = sqlx::query(
+                    "INSERT OR IGNORE INTO meter_unique_values (project_id, org_id, meter, period_start, value) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(project)
+                .bind(&org)
+                .bind(&meter.key)
+                .bind(period.start.timestamp_micros())
+                .bind(&value)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    continue;
+                }
+                MeterReading::Add(1)
+            }
+        };
+        readings.push((org, meter, reading));
+    }
+    apply_readings(billing, &mut states, readings, now);
+    let mut saved = Vec::new();
+    let mut orgs: Vec<String> = states.keys().cloned().collect();
+    orgs.sort();
+    for org in orgs {
+        let after = states.remove(&org).expect("listed above");
+        if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
+            saved.push(state);
+        }
+    }
+    Ok(saved)
 }

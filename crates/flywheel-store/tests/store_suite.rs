@@ -370,6 +370,7 @@ fn batch(project: &Project, events: Vec<Event>) -> EventBatch {
             .into_iter()
             .map(|e| EncodedEvent::encode(e).unwrap())
             .collect(),
+        billing: None,
     }
 }
 
@@ -389,7 +390,8 @@ async fn events_get_sequences_and_duplicates_change_nothing(backend: Backend) {
             batch(&b, vec![first.clone()]),
         ])
         .await
-        .unwrap();
+        .unwrap()
+        .results;
     use CommitResult::*;
     assert_eq!(
         results[0],
@@ -410,7 +412,8 @@ async fn events_get_sequences_and_duplicates_change_nothing(backend: Backend) {
             vec![second.clone(), same_id_other_content, third.clone()],
         )])
         .await
-        .unwrap();
+        .unwrap()
+        .results;
     assert_eq!(results[0], vec![Duplicate, Duplicate, Accepted { seq: 3 }]);
     let stored = store
         .list_events(
@@ -468,7 +471,8 @@ async fn identity_links_resolve_at_read_and_first_link_wins(backend: Backend) {
             vec![anonymous_view, identify, later_other, alias, cycle, group],
         )])
         .await
-        .unwrap();
+        .unwrap()
+        .results;
 
     assert_eq!(
         store.resolve_person(p.id, "anon-1").await.unwrap(),
@@ -612,7 +616,7 @@ async fn concurrent_event_commits_number_without_gaps(backend: Backend) {
         .collect();
     let mut seqs = Vec::new();
     for task in tasks {
-        for result in task.await.unwrap().unwrap().remove(0) {
+        for result in task.await.unwrap().unwrap().results.remove(0) {
             match result {
                 CommitResult::Accepted { seq } => seqs.push(seq),
                 other => panic!("no duplicates or suppressed ids were sent: {other:?}"),
@@ -682,7 +686,8 @@ async fn settings_and_schemas_are_part_of_the_config(backend: Backend) {
     store
         .commit_events(&[batch(&p, vec![broken.clone()])])
         .await
-        .unwrap();
+        .unwrap()
+        .results;
     let violations = store.list_schema_violations(p.id, 10).await.unwrap();
     assert_eq!(violations.len(), 1);
     assert_eq!(
@@ -712,7 +717,8 @@ async fn deleted_people_are_gone_and_stay_gone(backend: Backend) {
             vec![anonymous, identify.clone(), group, bystander],
         )])
         .await
-        .unwrap();
+        .unwrap()
+        .results;
 
     let ids = store.person_ids(p.id, "user-d").await.unwrap();
     let deleted = store.delete_person(p.id, &ids, at(10)).await.unwrap();
@@ -742,7 +748,8 @@ async fn deleted_people_are_gone_and_stay_gone(backend: Backend) {
     let results = store
         .commit_events(&[batch(&p, vec![identify, late, fresh_event])])
         .await
-        .unwrap();
+        .unwrap()
+        .results;
     assert_eq!(
         results[0],
         vec![
@@ -775,7 +782,7 @@ async fn concurrent_retries_of_the_same_events_store_each_once(backend: Backend)
         .collect();
     let mut accepted = 0;
     for task in tasks {
-        for result in task.await.unwrap().unwrap().remove(0) {
+        for result in task.await.unwrap().unwrap().results.remove(0) {
             match result {
                 CommitResult::Accepted { .. } => accepted += 1,
                 CommitResult::Duplicate => {}

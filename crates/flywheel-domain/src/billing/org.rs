@@ -790,14 +790,17 @@ impl OrgState {
         self.settle(at);
         let feature = meter.feature.as_str();
         match (meter.aggregation, reading) {
-            (
-                Aggregation::Count | Aggregation::Sum | Aggregation::UniqueCount,
-                MeterReading::Add(units),
-            ) => {
-                if units > 0 {
-                    // Errors are impossible here: the meter's feature is metered.
-                    let _ = self.consume(catalog, feature, units, true, grace, at);
-                }
+            // Errors are impossible: a meter feeds a metered feature.
+            (Aggregation::Count | Aggregation::Sum, MeterReading::Add(units)) if units > 0 => {
+                let _ = self.consume(catalog, feature, units, true, grace, at);
+            }
+            (Aggregation::UniqueCount, MeterReading::Add(units)) => {
+                // A gauge of distinct values: grants raise its ceiling
+                // instead of being drawn, as for the other gauges.
+                let period = self.period_for(catalog, feature, grace, at);
+                let mut counter = self.counter(feature, &period);
+                counter.plan_used = counter.plan_used.saturating_add(units.max(0));
+                self.usage.insert(feature.to_string(), counter);
             }
             (Aggregation::Max | Aggregation::Latest, MeterReading::Level(level)) => {
                 let period = self.period_for(catalog, feature, grace, at);

@@ -7,6 +7,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub mod billing;
 pub mod events;
 pub mod flags;
 pub mod health;
@@ -25,6 +26,7 @@ pub fn router() -> Router<AppState> {
         .merge(privacy::router())
         .merge(flags::router())
         .merge(ofrep::router())
+        .merge(billing::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }
