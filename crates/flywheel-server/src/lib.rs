@@ -132,6 +132,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         ingest: Arc::new(settings.ingest.clone()),
         org_writer,
         billing: Arc::new(settings.billing.clone()),
+        stripe: Arc::new(settings.stripe.clone()),
     };
     let listener = TcpListener::bind(settings.bind)
         .await

@@ -64,6 +64,7 @@ use crate::routes;
         routes::billing::list_grants,
         routes::billing::put_override,
         routes::billing::delete_override,
+        routes::stripe::webhook,
     ),
     components(schemas(
         crate::error::ErrorEnvelope,

@@ -34,6 +34,7 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub flags: FlagSettings,
     pub billing: BillingSettings,
+    pub stripe: StripeSettings,
 }
 
 impl Default for Settings {
@@ -49,6 +50,7 @@ impl Default for Settings {
             ingest: IngestSettings::default(),
             flags: FlagSettings::default(),
             billing: BillingSettings::default(),
+            stripe: StripeSettings::default(),
         }
     }
 }
@@ -190,6 +192,36 @@ impl Default for BillingSettings {
 impl BillingSettings {
     pub fn grace(&self) -> chrono::Duration {
         chrono::Duration::days(i64::from(self.past_due_grace_days))
+    }
+}
+
+/// The Stripe account billing is synced from. Secrets are best given as
+/// `FLYWHEEL_STRIPE__API_KEY_FILE` / `FLYWHEEL_STRIPE__WEBHOOK_SECRETS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StripeSettings {
+    /// Webhook endpoint signing secrets (`whsec_…`); several while rotating.
+    /// Empty: `POST /v1/webhooks/stripe` answers 404 `stripe_not_configured`.
+    pub webhook_secrets: Vec<String>,
+    /// The secret API key (`sk_…`) for Checkout and the billing portal.
+    pub api_key: Option<String>,
+    /// Stripe's API base URL (a test server's in tests).
+    pub api_base: String,
+    /// The Flywheel project (by name) whose orgs Stripe bills.
+    pub project: String,
+    /// How old (or far in the future) a signed webhook may be, in seconds.
+    pub tolerance_secs: u32,
+}
+
+impl Default for StripeSettings {
+    fn default() -> Self {
+        Self {
+            webhook_secrets: Vec::new(),
+            api_key: None,
+            api_base: "https://api.stripe.com".into(),
+            project: "default".into(),
+            tolerance_secs: 300,
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::billing::OrgWriter;
 use crate::ingest::{Committer, RateLimiter};
-use crate::settings::{BillingSettings, IngestSettings};
+use crate::settings::{BillingSettings, IngestSettings, StripeSettings};
 use crate::snapshot::SnapshotCache;
 
 #[derive(Clone)]
@@ -25,6 +25,7 @@ pub struct AppState {
     /// Group-commits org writes (`consume`, `release`, plan changes).
     pub org_writer: OrgWriter,
     pub billing: Arc<BillingSettings>,
+    pub stripe: Arc<StripeSettings>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -421,6 +421,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         org_id: &str,
     ) -> Result<Option<OrgState>, StoreError>;
 
+    /// The org linked to a Stripe customer, if any.
+    async fn org_for_stripe_customer(
+        &self,
+        project: ProjectId,
+        customer_id: &str,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Applies org commands in order, in one transaction, each org locked
     /// for the transaction (so concurrent writers on any node serialise per
     /// org and a hard limit cannot be overrun). Idempotency keys are checked

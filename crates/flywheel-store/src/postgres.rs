@@ -1131,6 +1131,24 @@ impl Store for PgStore {
         .await
     }
 
+    async fn org_for_stripe_customer(
+        &self,
+        project: ProjectId,
+        customer_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        timed(Backend::Postgres, "org_for_stripe_customer", async {
+            Ok(sqlx::query_scalar(
+                "SELECT org_id FROM orgs WHERE project_id = $1 AND stripe_customer_id = $2 \
+                 ORDER BY org_id LIMIT 1",
+            )
+            .bind(project.0)
+            .bind(customer_id)
+            .fetch_optional(&self.pool)
+            .await?)
+        })
+        .await
+    }
+
     async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError> {
         timed(Backend::Postgres, "execute_org_requests", async {
             let mut tx = self.pool.begin().await?;
@@ -1278,10 +1296,10 @@ async fn load_orgs_in(
             .await?;
         }
         let sql = if lock {
-            "SELECT created_at, subscription, overrides, version FROM orgs \
+            "SELECT created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
              WHERE project_id = $1 AND org_id = $2 FOR UPDATE"
         } else {
-            "SELECT created_at, subscription, overrides, version FROM orgs \
+            "SELECT created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
              WHERE project_id = $1 AND org_id = $2"
         };
         let row = sqlx::query(sql)
@@ -1299,6 +1317,7 @@ async fn load_orgs_in(
                 .map_err(StoreError::internal)?;
             state.overrides =
                 serde_json::from_value(row.try_get("overrides")?).map_err(StoreError::internal)?;
+            state.stripe_customer_id = row.try_get("stripe_customer_id")?;
             state.version = row.try_get("version")?;
             let counters = sqlx::query(
                 "SELECT DISTINCT ON (feature) feature, period_start, plan_used, grant_used \
@@ -1362,15 +1381,17 @@ async fn save_org_in(
         .transpose()
         .map_err(StoreError::internal)?;
     sqlx::query(
-        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project_id, org_id) DO UPDATE SET \
-         subscription = excluded.subscription, overrides = excluded.overrides, version = excluded.version",
+        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, stripe_customer_id, version) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (project_id, org_id) DO UPDATE SET \
+         subscription = excluded.subscription, overrides = excluded.overrides, \
+         stripe_customer_id = excluded.stripe_customer_id, version = excluded.version",
     )
     .bind(project)
     .bind(&after.org_id)
     .bind(after.created_at)
     .bind(subscription)
     .bind(serde_json::to_value(&after.overrides).map_err(StoreError::internal)?)
+    .bind(&after.stripe_customer_id)
     .bind(after.version)
     .execute(&mut *conn)
     .await?;

@@ -1186,6 +1186,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn org_for_stripe_customer(
+        &self,
+        project: ProjectId,
+        customer_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        timed(Backend::Sqlite, "org_for_stripe_customer", async {
+            Ok(sqlx::query_scalar(
+                "SELECT org_id FROM orgs WHERE project_id = ? AND stripe_customer_id = ? \
+                 ORDER BY org_id LIMIT 1",
+            )
+            .bind(project.0.to_string())
+            .bind(customer_id)
+            .fetch_optional(&self.reader)
+            .await?)
+        })
+        .await
+    }
+
     async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError> {
         timed(Backend::Sqlite, "execute_org_requests", async {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
@@ -1290,7 +1308,7 @@ async fn load_orgs_in(
             continue;
         }
         let row = sqlx::query(
-            "SELECT created_at, subscription, overrides, version FROM orgs \
+            "SELECT created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
              WHERE project_id = ? AND org_id = ?",
         )
         .bind(project)
@@ -1303,6 +1321,7 @@ async fn load_orgs_in(
             let subscription: Option<String> = row.try_get("subscription")?;
             state.subscription = subscription.as_deref().map(from_json_text).transpose()?;
             state.overrides = from_json_text(&row.try_get::<String, _>("overrides")?)?;
+            state.stripe_customer_id = row.try_get("stripe_customer_id")?;
             state.version = row.try_get("version")?;
             let counters = sqlx::query(
                 "SELECT feature, period_start, plan_used, grant_used FROM usage_counters AS c \
@@ -1364,15 +1383,17 @@ async fn save_org_in(
         return Ok(None);
     };
     sqlx::query(
-        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
-         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id) DO UPDATE SET \
-         subscription = excluded.subscription, overrides = excluded.overrides, version = excluded.version",
+        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, stripe_customer_id, version) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id) DO UPDATE SET \
+         subscription = excluded.subscription, overrides = excluded.overrides, \
+         stripe_customer_id = excluded.stripe_customer_id, version = excluded.version",
     )
     .bind(project)
     .bind(&after.org_id)
     .bind(after.created_at.timestamp_micros())
     .bind(after.subscription.as_ref().map(json_text).transpose()?)
     .bind(json_text(&after.overrides)?)
+    .bind(&after.stripe_customer_id)
     .bind(after.version)
     .execute(&mut *conn)
     .await?;

@@ -102,6 +102,8 @@ pub enum Reply {
     Subscription(SubscriptionView),
     Grant(UsageGrant),
     Updated,
+    /// A Stripe event older than the last one applied: nothing changed.
+    Stale,
 }
 
 impl OrgState {
@@ -254,6 +256,10 @@ impl OrgState {
                 | OrgCommand::SetStatus { .. },
                 _,
             ) => Reply::Subscription(self.subscription_view(catalog, grace, now)),
+            (_, CommandOutcome::Stale) => Reply::Stale,
+            (OrgCommand::StripeSync(_), _) => {
+                Reply::Subscription(self.subscription_view(catalog, grace, now))
+            }
             (OrgCommand::AddGrant { id, .. }, _) => Reply::Grant(
                 self.grants
                     .iter()

@@ -125,6 +125,8 @@ pub struct OrgState {
     pub grants: Vec<UsageGrant>,
     /// Per feature key, the counter of the latest period written.
     pub usage: HashMap<String, UsageCounter>,
+    /// The org's Stripe customer, once checkout or a webhook linked it.
+    pub stripe_customer_id: Option<String>,
     /// Bumped by every write; caches keep the highest version they saw.
     pub version: i64,
 }
@@ -217,6 +219,7 @@ impl OrgState {
             overrides: BTreeMap::new(),
             grants: Vec::new(),
             usage: HashMap::new(),
+            stripe_customer_id: None,
             version: 0,
         }
     }
@@ -488,6 +491,41 @@ pub enum OrgCommand {
     },
     /// Mark payment state (from the API or Stripe).
     SetStatus { status: SubscriptionStatus },
+    /// What a Stripe event says (Stripe is the billing truth).
+    StripeSync(StripeSync),
+}
+
+/// A Stripe event, reduced to what it means for one org.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StripeSync {
+    /// The event's `created`: an event older than the last one applied
+    /// changes nothing (Stripe does not deliver in order).
+    pub event_created: DateTime<Utc>,
+    pub customer_id: Option<String>,
+    pub subscription_id: Option<String>,
+    pub change: StripeChange,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StripeChange {
+    /// The subscription's current state.
+    Subscription {
+        /// The plan its prices map to; `None` when no price maps to a plan
+        /// (the current plan is kept).
+        plan: Option<String>,
+        status: SubscriptionStatus,
+        current_period_start: Option<DateTime<Utc>>,
+        current_period_end: Option<DateTime<Utc>>,
+        cancel_at_period_end: bool,
+        cancel_at: Option<DateTime<Utc>>,
+        deleted: bool,
+    },
+    /// An invoice was paid: a `past_due` subscription is active again.
+    InvoicePaid,
+    /// A payment failed: `past_due` (the grace period starts).
+    PaymentFailed,
+    /// Checkout completed: the org is this Stripe customer.
+    Linked,
 }
 
 /// What a command did, beyond the new state.
@@ -505,6 +543,8 @@ pub enum CommandOutcome {
     },
     Granted,
     Updated,
+    /// A Stripe event older than the last one applied: ignored.
+    Stale,
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> DomainError {
@@ -596,7 +636,144 @@ impl OrgState {
                 set_status(subscription, *status, now);
                 Ok(CommandOutcome::Updated)
             }
+            OrgCommand::StripeSync(sync) => Ok(self.stripe_sync(catalog, sync, grace, now)),
         }
+    }
+
+    fn stripe_sync(
+        &mut self,
+        catalog: &Catalog,
+        sync: &StripeSync,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> CommandOutcome {
+        let last = self
+            .subscription
+            .as_ref()
+            .and_then(|s| s.stripe.as_ref())
+            .and_then(|link| link.last_event_at);
+        if last.is_some_and(|last| sync.event_created < last) {
+            return CommandOutcome::Stale;
+        }
+        if let Some(customer) = &sync.customer_id {
+            self.stripe_customer_id = Some(customer.clone());
+        }
+        let default = catalog.default_plan().map(|plan| plan.key.clone());
+        match &sync.change {
+            StripeChange::Linked => {}
+            StripeChange::Subscription {
+                plan,
+                status,
+                current_period_start,
+                current_period_end,
+                cancel_at_period_end,
+                cancel_at,
+                deleted,
+            } => {
+                let anchor = current_period_start.unwrap_or(sync.event_created);
+                let same_subscription = self
+                    .subscription
+                    .as_ref()
+                    .and_then(|s| s.stripe.as_ref())
+                    .is_some_and(|link| {
+                        link.subscription_id.is_some()
+                            && link.subscription_id == sync.subscription_id
+                    });
+                let keep_plan = self
+                    .subscription
+                    .as_ref()
+                    .map(|s| s.plan.clone())
+                    .or(default.clone());
+                if self.subscription.is_none() {
+                    // From the default plan: same anchor until rebased below.
+                    self.subscription = Some(Subscription {
+                        plan: keep_plan.clone().unwrap_or_default(),
+                        status: SubscriptionStatus::Active,
+                        anchor: self.created_at,
+                        scheduled: None,
+                        past_due_since: None,
+                        stripe: None,
+                    });
+                }
+                if !same_subscription {
+                    // A new subscription starts a new billing cycle: usage of
+                    // the current period carries into it.
+                    self.rebase_anchor(catalog, anchor, grace, now);
+                }
+                let subscription = self.subscription.as_mut().expect("created above");
+                subscription.plan = plan.clone().or(keep_plan).unwrap_or_default();
+                let status = if *deleted {
+                    SubscriptionStatus::Canceled
+                } else {
+                    *status
+                };
+                set_status(subscription, status, sync.event_created);
+                let cancel_time = if *cancel_at_period_end {
+                    *current_period_end
+                } else {
+                    *cancel_at
+                };
+                subscription.scheduled = match (cancel_time, &default) {
+                    (Some(at), Some(default)) if status != SubscriptionStatus::Canceled => {
+                        Some(ScheduledChange {
+                            plan: default.clone(),
+                            at,
+                            cancel: true,
+                        })
+                    }
+                    _ => None,
+                };
+            }
+            StripeChange::InvoicePaid | StripeChange::PaymentFailed => {
+                let Some(subscription) = self.subscription.as_mut() else {
+                    return CommandOutcome::Updated;
+                };
+                let known = subscription
+                    .stripe
+                    .as_ref()
+                    .and_then(|link| link.subscription_id.as_ref());
+                if sync.subscription_id.is_some()
+                    && known.is_some()
+                    && known != sync.subscription_id.as_ref()
+                {
+                    // An invoice of another (older) subscription.
+                    return CommandOutcome::Updated;
+                }
+                match sync.change {
+                    StripeChange::PaymentFailed => set_status(
+                        subscription,
+                        SubscriptionStatus::PastDue,
+                        sync.event_created,
+                    ),
+                    _ if matches!(
+                        subscription.status,
+                        SubscriptionStatus::PastDue
+                            | SubscriptionStatus::Unpaid
+                            | SubscriptionStatus::Incomplete
+                    ) =>
+                    {
+                        set_status(subscription, SubscriptionStatus::Active, sync.event_created)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(subscription) = self.subscription.as_mut() {
+            let link = subscription.stripe.get_or_insert_with(StripeLink::default);
+            if sync.customer_id.is_some() {
+                link.customer_id = sync.customer_id.clone();
+            }
+            if sync.subscription_id.is_some()
+                && matches!(sync.change, StripeChange::Subscription { .. })
+            {
+                link.subscription_id = sync.subscription_id.clone();
+            }
+            link.last_event_at = Some(
+                link.last_event_at
+                    .map_or(sync.event_created, |last| last.max(sync.event_created)),
+            );
+        }
+        CommandOutcome::Updated
     }
 
     /// Makes a due scheduled change permanent, so later changes start from

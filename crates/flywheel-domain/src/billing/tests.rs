@@ -850,3 +850,246 @@ fn bad_commands_change_nothing() {
     }
     assert_eq!(state, before);
 }
+
+fn stripe(created: &str, subscription: &str, change: StripeChange) -> OrgCommand {
+    OrgCommand::StripeSync(StripeSync {
+        event_created: at(created),
+        customer_id: Some("cus_1".into()),
+        subscription_id: Some(subscription.into()),
+        change,
+    })
+}
+
+fn stripe_subscription(
+    plan: Option<&str>,
+    status: SubscriptionStatus,
+    start: &str,
+    end: &str,
+    cancel_at_period_end: bool,
+) -> StripeChange {
+    StripeChange::Subscription {
+        plan: plan.map(Into::into),
+        status,
+        current_period_start: Some(at(start)),
+        current_period_end: Some(at(end)),
+        cancel_at_period_end,
+        cancel_at: None,
+        deleted: false,
+    }
+}
+
+#[test]
+fn stripe_events_apply_in_created_order_and_older_ones_are_stale() {
+    let c = catalog();
+    let mut state = org("2027-01-01T00:00:00Z");
+    let now = at("2027-01-10T00:00:00Z");
+    assert!(consume(
+        &mut state,
+        &c,
+        "api_calls",
+        4,
+        "2027-01-09T00:00:00Z"
+    ));
+    let created = stripe(
+        "2027-01-10T00:00:00Z",
+        "sub_1",
+        stripe_subscription(
+            Some("pro"),
+            SubscriptionStatus::Active,
+            "2027-01-10T00:00:00Z",
+            "2027-02-10T00:00:00Z",
+            false,
+        ),
+    );
+    assert!(matches!(
+        state.execute(&c, &created, GRACE, now).unwrap(),
+        super::Reply::Subscription(_)
+    ));
+    assert_eq!(state.stripe_customer_id.as_deref(), Some("cus_1"));
+    let usage = state.check(&c, "api_calls", 1, GRACE, now).metered.unwrap();
+    // Anchored at the subscription's period start; free-plan usage carried.
+    assert_eq!(
+        (usage.used, usage.limit, usage.period.start),
+        (4, Limit::Units(10), at("2027-01-10T00:00:00Z"))
+    );
+    // A newer update schedules the cancellation at period end…
+    let cancel = stripe(
+        "2027-01-12T00:00:00Z",
+        "sub_1",
+        stripe_subscription(
+            Some("pro"),
+            SubscriptionStatus::Active,
+            "2027-01-10T00:00:00Z",
+            "2027-02-10T00:00:00Z",
+            true,
+        ),
+    );
+    state
+        .execute(&c, &cancel, GRACE, at("2027-01-12T00:00:00Z"))
+        .unwrap();
+    // …and the older event, delivered late, changes nothing.
+    let before = state.clone();
+    let late = stripe(
+        "2027-01-11T00:00:00Z",
+        "sub_1",
+        stripe_subscription(
+            Some("scale"),
+            SubscriptionStatus::Active,
+            "2027-01-10T00:00:00Z",
+            "2027-02-10T00:00:00Z",
+            false,
+        ),
+    );
+    assert_eq!(
+        state
+            .execute(&c, &late, GRACE, at("2027-01-13T00:00:00Z"))
+            .unwrap(),
+        super::Reply::Stale
+    );
+    assert_eq!(state, before);
+    assert!(
+        state
+            .check(&c, "sso", 1, GRACE, at("2027-02-09T23:59:59Z"))
+            .allowed
+    );
+    assert_eq!(
+        state
+            .check(&c, "sso", 1, GRACE, at("2027-02-10T00:00:00Z"))
+            .plan,
+        Some("free")
+    );
+}
+
+#[test]
+fn stripe_payment_failures_start_the_grace_period_and_deletion_ends_access() {
+    let c = catalog();
+    let mut state = org("2027-01-01T00:00:00Z");
+    let sub = |created: &str| {
+        stripe(
+            created,
+            "sub_1",
+            stripe_subscription(
+                Some("pro"),
+                SubscriptionStatus::Active,
+                "2027-01-05T00:00:00Z",
+                "2027-02-05T00:00:00Z",
+                false,
+            ),
+        )
+    };
+    state
+        .execute(
+            &c,
+            &sub("2027-01-05T00:00:00Z"),
+            GRACE,
+            at("2027-01-05T00:00:00Z"),
+        )
+        .unwrap();
+    state
+        .execute(
+            &c,
+            &stripe("2027-02-05T01:00:00Z", "sub_1", StripeChange::PaymentFailed),
+            GRACE,
+            at("2027-02-05T01:00:00Z"),
+        )
+        .unwrap();
+    assert_eq!(
+        state.subscription.as_ref().unwrap().past_due_since,
+        Some(at("2027-02-05T01:00:00Z"))
+    );
+    assert!(
+        state
+            .check(&c, "sso", 1, GRACE, at("2027-02-12T00:59:59Z"))
+            .allowed
+    );
+    assert_eq!(
+        state
+            .check(&c, "sso", 1, GRACE, at("2027-02-12T01:00:00Z"))
+            .reason,
+        Some(Reason::NoActiveSubscription)
+    );
+    state
+        .execute(
+            &c,
+            &stripe("2027-02-13T00:00:00Z", "sub_1", StripeChange::InvoicePaid),
+            GRACE,
+            at("2027-02-13T00:00:00Z"),
+        )
+        .unwrap();
+    assert!(
+        state
+            .check(&c, "sso", 1, GRACE, at("2027-02-13T00:00:00Z"))
+            .allowed
+    );
+    // An invoice of another subscription does not touch this one.
+    state
+        .execute(
+            &c,
+            &stripe(
+                "2027-02-14T00:00:00Z",
+                "sub_old",
+                StripeChange::PaymentFailed,
+            ),
+            GRACE,
+            at("2027-02-14T00:00:00Z"),
+        )
+        .unwrap();
+    assert_eq!(
+        state.subscription.as_ref().unwrap().status,
+        SubscriptionStatus::Active
+    );
+    let deleted = stripe(
+        "2027-02-20T00:00:00Z",
+        "sub_1",
+        StripeChange::Subscription {
+            plan: Some("pro".into()),
+            status: SubscriptionStatus::Canceled,
+            current_period_start: None,
+            current_period_end: None,
+            cancel_at_period_end: false,
+            cancel_at: None,
+            deleted: true,
+        },
+    );
+    state
+        .execute(&c, &deleted, GRACE, at("2027-02-20T00:00:00Z"))
+        .unwrap();
+    assert_eq!(
+        state
+            .check(&c, "sso", 1, GRACE, at("2027-02-20T00:00:00Z"))
+            .plan,
+        Some("free")
+    );
+}
+
+#[test]
+fn an_unmapped_stripe_price_keeps_the_current_plan() {
+    let c = catalog();
+    let mut state = org("2027-01-01T00:00:00Z");
+    state
+        .apply(
+            &c,
+            &OrgCommand::ChangePlan {
+                plan: "pro".into(),
+                timing: None,
+            },
+            GRACE,
+            at("2027-01-02T00:00:00Z"),
+        )
+        .unwrap();
+    let unknown = stripe(
+        "2027-01-03T00:00:00Z",
+        "sub_1",
+        stripe_subscription(
+            None,
+            SubscriptionStatus::Active,
+            "2027-01-01T00:00:00Z",
+            "2027-02-01T00:00:00Z",
+            false,
+        ),
+    );
+    state
+        .execute(&c, &unknown, GRACE, at("2027-01-03T00:00:00Z"))
+        .unwrap();
+    assert_eq!(state.subscription.as_ref().unwrap().plan, "pro");
+}

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod ofrep;
 pub mod privacy;
 pub mod project;
+pub mod stripe;
 
 /// Every route of the API.
 pub fn router() -> Router<AppState> {
@@ -27,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .merge(flags::router())
         .merge(ofrep::router())
         .merge(billing::router())
+        .merge(stripe::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

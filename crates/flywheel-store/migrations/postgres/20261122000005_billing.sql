@@ -19,9 +19,13 @@ CREATE TABLE orgs (
     created_at   TIMESTAMPTZ NOT NULL,
     subscription JSONB,
     overrides    JSONB   NOT NULL DEFAULT '{}',
+    stripe_customer_id TEXT,
     version      BIGINT NOT NULL,
     PRIMARY KEY (project_id, org_id)
 );
+
+-- Stripe webhooks name the customer: find its org.
+CREATE INDEX orgs_by_stripe_customer ON orgs (project_id, stripe_customer_id);
 
 -- Usage of a metered feature in one period (period_start 1970-01-01: a total
 -- that never resets). A new period is a new row: resets are lazy and idempotent.
@@ -59,7 +63,8 @@ CREATE TABLE meter_unique_values (
     PRIMARY KEY (project_id, org_id, meter, period_start, value)
 );
 
--- The first reply of each idempotent org request (consume, release, grant).
+-- The first reply of each idempotent org request (consume, release, grant,
+-- and each Stripe event, keyed `stripe:<event id>`).
 CREATE TABLE org_requests (
     project_id      UUID    NOT NULL,
     idempotency_key TEXT    NOT NULL,
@@ -67,15 +72,4 @@ CREATE TABLE org_requests (
     reply           JSONB    NOT NULL,
     created_at      TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (project_id, idempotency_key)
-);
-
--- Stripe events applied (dedupe on the event id, in the applying transaction).
-CREATE TABLE stripe_events (
-    project_id  UUID    NOT NULL,
-    event_id    TEXT    NOT NULL,
-    type        TEXT    NOT NULL,
-    created     TIMESTAMPTZ NOT NULL,
-    received_at TIMESTAMPTZ NOT NULL,
-    outcome     TEXT    NOT NULL,
-    PRIMARY KEY (project_id, event_id)
 );

@@ -1,0 +1,352 @@
+//! The Stripe webhook through the real server on both backends, with events
+//! signed here the way Stripe signs them: applied, replayed, reordered,
+//! tampered with, stale, unmatched and ignored, each with its documented
+//! outcome.
+
+mod common;
+
+use std::sync::Arc;
+
+use flywheel_client::Client;
+use flywheel_domain::billing::stripe::sign;
+use flywheel_domain::clock::{ManualClock, SharedClock};
+use flywheel_server::RunningServer;
+use flywheel_store::testing::TestDatabase;
+use flywheel_store::Backend;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use common::call;
+
+flywheel_store::for_each_backend!(
+    signed_subscription_events_apply_once_and_in_order,
+    bad_signatures_are_refused_and_change_nothing,
+    invoices_and_checkout_find_the_org_by_customer,
+);
+
+const SECRET: &str = "whsec_test_flywheel";
+const NOW: &str = "2027-03-10T12:00:00Z";
+
+struct App {
+    _server: RunningServer,
+    _db: TestDatabase,
+    client: Client,
+    secret: Client,
+    clock: ManualClock,
+}
+
+async fn spawn(backend: Backend, secrets: Vec<String>) -> App {
+    let db = TestDatabase::create(backend).await;
+    let clock = ManualClock::new(NOW.parse().unwrap());
+    let mut settings = common::test_settings(&db);
+    settings.stripe.webhook_secrets = secrets;
+    let shared: SharedClock = Arc::new(clock.clone());
+    let started = common::start(settings, shared).await;
+    let (status, body) = call(
+        &started.secret,
+        Method::PUT,
+        "/v1/catalog",
+        Some(json!({
+            "features": [{"key": "sso", "kind": "boolean"}, {"key": "seats", "kind": "metered"}],
+            "plans": [
+                {"key": "free", "default": true, "features": {"seats": {"limit": 2, "reset": "never"}}},
+                {"key": "pro", "price": {"amount": 2900, "currency": "usd"}, "stripe_price_ids": ["price_pro_monthly"],
+                 "features": {"sso": {}, "seats": {"limit": 20, "reset": "never"}}}
+            ]
+        })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    App {
+        client: started.client.clone(),
+        secret: started.secret,
+        _server: started.server,
+        _db: db,
+        clock,
+    }
+}
+
+fn unix(at: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(at)
+        .unwrap()
+        .timestamp()
+}
+
+fn event(id: &str, kind: &str, created: &str, object: Value) -> Value {
+    json!({"id": id, "object": "event", "type": kind, "created": unix(created), "livemode": false,
+           "api_version": "2025-03-31.basil", "data": {"object": object}})
+}
+
+/// A subscription in the current API shape (periods on the items).
+fn subscription(status: &str, cancel_at_period_end: bool, org: Option<&str>) -> Value {
+    let mut metadata = json!({});
+    if let Some(org) = org {
+        metadata["org_id"] = json!(org);
+    }
+    json!({
+        "id": "sub_123", "object": "subscription", "customer": "cus_123", "status": status,
+        "cancel_at_period_end": cancel_at_period_end, "cancel_at": null, "metadata": metadata,
+        "items": {"object": "list", "data": [{
+            "id": "si_1", "price": {"id": "price_pro_monthly"},
+            "current_period_start": unix("2027-03-10T00:00:00Z"),
+            "current_period_end": unix("2027-04-10T00:00:00Z")
+        }]}
+    })
+}
+
+async fn deliver(app: &App, body: &Value, secret: &str, signed_at: i64) -> (StatusCode, Value) {
+    let payload = serde_json::to_vec(body).unwrap();
+    deliver_raw(app, payload.clone(), sign(&payload, secret, signed_at)).await
+}
+
+async fn deliver_raw(app: &App, payload: Vec<u8>, signature: String) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .request(Method::POST, "/v1/webhooks/stripe")
+        .header("content-type", "application/json")
+        .header("stripe-signature", signature)
+        .body(payload)
+        .send()
+        .await
+        .unwrap();
+    (
+        response.status(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn sso(app: &App, org: &str) -> Value {
+    call(
+        &app.secret,
+        Method::POST,
+        "/v1/check",
+        Some(json!({"org_id": org, "feature": "sso"})),
+    )
+    .await
+    .1
+}
+
+async fn signed_subscription_events_apply_once_and_in_order(backend: Backend) {
+    let app = spawn(backend, vec!["whsec_old".into(), SECRET.into()]).await;
+    let now = unix(NOW);
+    let created = event(
+        "evt_1",
+        "customer.subscription.created",
+        "2027-03-10T00:00:01Z",
+        subscription("active", false, Some("acme")),
+    );
+    let (status, ack) = deliver(&app, &created, SECRET, now).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(
+        (ack["outcome"].clone(), ack["org_id"].clone()),
+        (json!("applied"), json!("acme"))
+    );
+    let answer = sso(&app, "acme").await;
+    assert_eq!(
+        (answer["allowed"].clone(), answer["plan"].clone()),
+        (json!(true), json!("pro"))
+    );
+    // Redelivered: nothing changes.
+    let (_, ack) = deliver(&app, &created, SECRET, now).await;
+    assert_eq!(ack["outcome"], "duplicate");
+    // A newer update (cancel at period end) arrives before an older one.
+    let newer = event(
+        "evt_3",
+        "customer.subscription.updated",
+        "2027-03-10T00:00:03Z",
+        subscription("active", true, Some("acme")),
+    );
+    let older = event(
+        "evt_2",
+        "customer.subscription.updated",
+        "2027-03-10T00:00:02Z",
+        subscription("past_due", false, Some("acme")),
+    );
+    assert_eq!(
+        deliver(&app, &newer, SECRET, now).await.1["outcome"],
+        "applied"
+    );
+    assert_eq!(
+        deliver(&app, &older, SECRET, now).await.1["outcome"],
+        "stale"
+    );
+    let (_, view) = call(&app.secret, Method::GET, "/v1/orgs/acme/subscription", None).await;
+    assert_eq!(
+        view["subscription"]["status"], "active",
+        "the older past_due did not overwrite"
+    );
+    assert_eq!(view["scheduled"]["at"], "2027-04-10T00:00:00Z");
+    assert_eq!(view["subscription"]["stripe"]["subscription_id"], "sub_123");
+    // Access lasts until the period end, then the default plan.
+    app.clock.set("2027-04-10T00:00:00Z".parse().unwrap());
+    assert_eq!(sso(&app, "acme").await["plan"], "free");
+    // Deleted: the default plan at once. (Signed at the new "now".)
+    let deleted = event(
+        "evt_4",
+        "customer.subscription.deleted",
+        "2027-04-10T00:00:05Z",
+        subscription("canceled", false, Some("acme")),
+    );
+    let (_, ack) = deliver(&app, &deleted, SECRET, unix("2027-04-10T00:00:00Z")).await;
+    assert_eq!(ack["outcome"], "applied");
+    assert_eq!(sso(&app, "acme").await["allowed"], false);
+    // Types Flywheel does not use are acknowledged and ignored.
+    let other = event(
+        "evt_5",
+        "charge.refunded",
+        "2027-04-10T00:00:06Z",
+        json!({"id": "ch_1", "object": "charge"}),
+    );
+    assert_eq!(
+        deliver(&app, &other, SECRET, unix("2027-04-10T00:00:00Z"))
+            .await
+            .1["outcome"],
+        "ignored"
+    );
+}
+
+async fn bad_signatures_are_refused_and_change_nothing(backend: Backend) {
+    let app = spawn(backend, vec![SECRET.into()]).await;
+    let now = unix(NOW);
+    let body = event(
+        "evt_1",
+        "customer.subscription.created",
+        "2027-03-10T00:00:01Z",
+        subscription("active", false, Some("acme")),
+    );
+    let payload = serde_json::to_vec(&body).unwrap();
+    // Tampered: signed one body, sent another.
+    let mut tampered = body.clone();
+    tampered["data"]["object"]["metadata"]["org_id"] = json!("mallory");
+    let (status, answer) = deliver_raw(
+        &app,
+        serde_json::to_vec(&tampered).unwrap(),
+        sign(&payload, SECRET, now),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_signature"))
+    );
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("signature_mismatch"));
+    // Wrong secret.
+    let (status, _) = deliver(&app, &body, "whsec_other", now).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Older than the 300 s tolerance.
+    let (status, answer) = deliver(&app, &body, SECRET, now - 301).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("timestamp_outside_tolerance"));
+    // Within it.
+    // No header at all.
+    let response = app
+        .client
+        .request(Method::POST, "/v1/webhooks/stripe")
+        .body(payload.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "missing_signature");
+    // Nothing was applied by any of them.
+    assert_eq!(sso(&app, "acme").await["plan"], "free");
+    assert_eq!(sso(&app, "mallory").await["plan"], "free");
+    // A signed body that is not an event.
+    let junk = json!({"hello": "world"});
+    let (status, answer) = deliver(&app, &junk, SECRET, now).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_stripe_event"))
+    );
+    // The genuine one, 299 s old, is accepted.
+    let (status, answer) = deliver(&app, &body, SECRET, now - 299).await;
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (StatusCode::OK, Some("applied"))
+    );
+    // A server without secrets refuses webhooks outright.
+    let bare = spawn(backend, Vec::new()).await;
+    let (status, answer) = deliver(&bare, &body, SECRET, now).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("stripe_not_configured"))
+    );
+}
+
+async fn invoices_and_checkout_find_the_org_by_customer(backend: Backend) {
+    let app = spawn(backend, vec![SECRET.into()]).await;
+    let now = unix(NOW);
+    // Before any link, an invoice for an unknown customer matches no org.
+    let failed = event(
+        "evt_f1",
+        "invoice.payment_failed",
+        "2027-03-10T00:00:10Z",
+        json!({"id": "in_1", "object": "invoice", "customer": "cus_123", "subscription": "sub_123"}),
+    );
+    assert_eq!(
+        deliver(&app, &failed, SECRET, now).await.1["outcome"],
+        "unmatched"
+    );
+    // Checkout links the customer to the org (client_reference_id).
+    let checkout = event(
+        "evt_c1",
+        "checkout.session.completed",
+        "2027-03-10T00:00:00Z",
+        json!({"id": "cs_1", "object": "checkout.session", "client_reference_id": "acme",
+               "customer": "cus_123", "subscription": "sub_123", "mode": "subscription"}),
+    );
+    assert_eq!(
+        deliver(&app, &checkout, SECRET, now).await.1["outcome"],
+        "applied"
+    );
+    // The subscription event without metadata finds the org by customer.
+    let created = event(
+        "evt_s1",
+        "customer.subscription.created",
+        "2027-03-10T00:00:01Z",
+        subscription("active", false, None),
+    );
+    let (_, ack) = deliver(&app, &created, SECRET, now).await;
+    assert_eq!(
+        (ack["outcome"].clone(), ack["org_id"].clone()),
+        (json!("applied"), json!("acme"))
+    );
+    // A failed payment (newer API shape: the subscription under `parent`).
+    let failed = event(
+        "evt_f2",
+        "invoice.payment_failed",
+        "2027-03-10T00:00:20Z",
+        json!({"id": "in_2", "object": "invoice", "customer": {"id": "cus_123", "object": "customer"},
+               "parent": {"subscription_details": {"subscription": "sub_123"}}}),
+    );
+    assert_eq!(
+        deliver(&app, &failed, SECRET, now).await.1["outcome"],
+        "applied"
+    );
+    let (_, view) = call(&app.secret, Method::GET, "/v1/orgs/acme/subscription", None).await;
+    assert_eq!(view["subscription"]["status"], "past_due");
+    // Access holds for the 7-day grace period, then lapses.
+    app.clock.set("2027-03-17T00:00:19Z".parse().unwrap());
+    assert_eq!(sso(&app, "acme").await["allowed"], true);
+    app.clock.set("2027-03-17T00:00:20Z".parse().unwrap());
+    assert_eq!(sso(&app, "acme").await["reason"], "no_active_subscription");
+    let paid = event(
+        "evt_p1",
+        "invoice.paid",
+        "2027-03-17T00:01:00Z",
+        json!({"id": "in_3", "object": "invoice", "customer": "cus_123", "subscription": "sub_123"}),
+    );
+    assert_eq!(
+        deliver(&app, &paid, SECRET, unix("2027-03-17T00:01:00Z"))
+            .await
+            .1["outcome"],
+        "applied"
+    );
+    assert_eq!(sso(&app, "acme").await["allowed"], true);
+}
