@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use flywheel_domain::billing::org::OrgState;
 use flywheel_domain::project::ProjectId;
 use flywheel_store::{OrgCommit, OrgRequest, OrgResult, Store, StoreError};
+use foldhash::fast::RandomState;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -23,17 +24,30 @@ use crate::error::ApiError;
 /// Two levels so a lookup by `&str` allocates nothing.
 #[derive(Debug, Default)]
 pub struct OrgCache {
-    projects: DashMap<ProjectId, Arc<DashMap<String, Arc<OrgState>>>>,
+    projects: DashMap<ProjectId, Arc<Orgs>, RandomState>,
 }
+
+type Orgs = DashMap<String, Arc<OrgState>, RandomState>;
 
 impl OrgCache {
     pub fn get(&self, project: ProjectId, org_id: &str) -> Option<Arc<OrgState>> {
-        let orgs = self.projects.get(&project)?;
-        let state = orgs.get(org_id)?;
-        Some(state.clone())
+        self.with(project, org_id, |state| state.clone())
     }
 
-    fn orgs_of(&self, project: ProjectId) -> Arc<DashMap<String, Arc<OrgState>>> {
+    /// Runs `read` on the cached state without taking a reference count
+    /// (the `check` hot path).
+    pub fn with<R>(
+        &self,
+        project: ProjectId,
+        org_id: &str,
+        read: impl FnOnce(&Arc<OrgState>) -> R,
+    ) -> Option<R> {
+        let orgs = self.projects.get(&project)?;
+        let state = orgs.get(org_id)?;
+        Some(read(&state))
+    }
+
+    fn orgs_of(&self, project: ProjectId) -> Arc<Orgs> {
         if let Some(orgs) = self.projects.get(&project) {
             return orgs.clone();
         }

@@ -3,12 +3,13 @@
 //! ([`CatalogDocument`]), validated whole, and compiled into a [`Catalog`]
 //! indexed for the decision path.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::period::ResetInterval;
+use super::FastMap;
 use crate::error::DomainError;
 
 /// What a feature grants.
@@ -309,15 +310,15 @@ pub type FeatureIndex = usize;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Catalog {
     pub document: CatalogDocument,
-    feature_index: HashMap<String, FeatureIndex>,
-    plan_index: HashMap<String, usize>,
+    feature_index: FastMap<String, FeatureIndex>,
+    plan_index: FastMap<String, usize>,
     /// Per plan, per feature index: its entry.
     plan_features: Vec<Vec<Option<PlanFeature>>>,
     default_plan: Option<usize>,
-    meters_by_event: HashMap<String, Vec<usize>>,
+    meters_by_event: FastMap<String, Vec<usize>>,
     /// Per feature index: the meter feeding it, if any.
     meter_of_feature: Vec<Option<usize>>,
-    price_to_plan: HashMap<String, usize>,
+    price_to_plan: FastMap<String, usize>,
 }
 
 fn valid_key(key: &str) -> bool {
@@ -337,7 +338,7 @@ impl Catalog {
     /// naming its JSON path.
     pub fn compile(document: CatalogDocument) -> Result<Catalog, Vec<DomainError>> {
         let mut errors = Vec::new();
-        let mut feature_index = HashMap::new();
+        let mut feature_index = FastMap::default();
         for (i, feature) in document.features.iter().enumerate() {
             if !valid_key(&feature.key) {
                 errors.push(invalid(
@@ -354,7 +355,7 @@ impl Catalog {
         }
         let kind_of = |key: &str| feature_index.get(key).map(|&i| document.features[i].kind);
 
-        let mut meters_by_event: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut meters_by_event: FastMap<String, Vec<usize>> = FastMap::default();
         let mut meter_of_feature = vec![None; document.features.len()];
         let mut meter_keys = HashSet::new();
         for (i, meter) in document.meters.iter().enumerate() {
@@ -429,10 +430,10 @@ impl Catalog {
                 .push(i);
         }
 
-        let mut plan_index = HashMap::new();
+        let mut plan_index = FastMap::default();
         let mut plan_features = Vec::with_capacity(document.plans.len());
         let mut default_plan = None;
-        let mut price_to_plan = HashMap::new();
+        let mut price_to_plan = FastMap::default();
         for (i, plan) in document.plans.iter().enumerate() {
             let at = |field: &str| format!("/plans/{i}/{field}");
             if !valid_key(&plan.key) {
@@ -519,6 +520,11 @@ impl Catalog {
 
     pub fn default_plan(&self) -> Option<&PlanDefinition> {
         self.default_plan.map(|i| &self.document.plans[i])
+    }
+
+    /// The default plan with its position.
+    pub fn default_plan_entry(&self) -> Option<(usize, &PlanDefinition)> {
+        self.default_plan.map(|i| (i, &self.document.plans[i]))
     }
 
     /// The plan's entry for a feature (by position of plan and feature).

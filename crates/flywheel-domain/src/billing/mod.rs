@@ -7,6 +7,11 @@
 
 pub mod answer;
 pub mod catalog;
+
+/// The maps the decision path reads: foldhash (fast, randomly seeded per
+/// map) instead of SipHash, which dominated a `check`.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod org;
 pub mod period;
 pub mod stripe;

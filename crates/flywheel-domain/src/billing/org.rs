@@ -4,7 +4,7 @@
 //! it, applies an [`OrgCommand`] here, and saves the result in the same
 //! transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,7 @@ use super::catalog::{
     PlanFeature,
 };
 use super::period::{period_containing, Period, ResetInterval};
+use super::FastMap;
 use crate::error::DomainError;
 
 /// Stripe's subscription statuses, plus what the API can set.
@@ -124,7 +125,7 @@ pub struct OrgState {
     pub overrides: BTreeMap<String, PlanFeature>,
     pub grants: Vec<UsageGrant>,
     /// Per feature key, the counter of the latest period written.
-    pub usage: HashMap<String, UsageCounter>,
+    pub usage: FastMap<String, UsageCounter>,
     /// The org's Stripe customer, once checkout or a webhook linked it.
     pub stripe_customer_id: Option<String>,
     /// Bumped by every write; caches keep the highest version they saw.
@@ -218,7 +219,7 @@ impl OrgState {
             subscription: None,
             overrides: BTreeMap::new(),
             grants: Vec::new(),
-            usage: HashMap::new(),
+            usage: FastMap::default(),
             stripe_customer_id: None,
             version: 0,
         }
@@ -232,9 +233,7 @@ impl OrgState {
         grace: Duration,
         now: DateTime<Utc>,
     ) -> Access<'c> {
-        let default = catalog
-            .default_plan()
-            .and_then(|plan| Some((catalog.plan_position(&plan.key)?, plan)));
+        let default = catalog.default_plan_entry();
         let Some(subscription) = &self.subscription else {
             return Access {
                 plan: default,

@@ -3,7 +3,7 @@
 //! previous boundary + 1 interval", so a month-end anchor survives short
 //! months: Jan 31 → Feb 28 (29 in a leap year) → Mar 31.
 
-use chrono::{DateTime, Datelike, Duration, Months, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 /// How often a metered feature's usage starts again from zero.
@@ -44,37 +44,63 @@ impl Period {
     }
 }
 
-/// The `k`-th boundary after (k ≥ 0) or before (k < 0) the anchor, clamping
-/// the day of month to the target month's length.
-fn month_boundary(anchor: DateTime<Utc>, months: i64) -> DateTime<Utc> {
-    let naive = anchor.naive_utc();
-    let date = naive.date();
-    let first_of_month = NaiveDate::from_ymd_opt(date.year(), date.month(), 1)
-        .expect("the first of a valid month exists");
-    let shifted = if months >= 0 {
-        first_of_month.checked_add_months(Months::new(months as u32))
-    } else {
-        first_of_month.checked_sub_months(Months::new(months.unsigned_abs() as u32))
+/// An anchor split into calendar fields once, so each boundary is integer
+/// arithmetic (this runs on every `check`).
+#[derive(Clone, Copy)]
+struct CivilAnchor {
+    /// Months since year 0 (`year * 12 + month - 1`).
+    month_index: i64,
+    day: u32,
+    /// Seconds into the day, and the sub-second part.
+    seconds_of_day: i64,
+    nanos: u32,
+}
+
+impl CivilAnchor {
+    fn new(anchor: DateTime<Utc>) -> Self {
+        let date = anchor.date_naive();
+        let seconds = anchor.timestamp();
+        Self {
+            month_index: i64::from(date.year()) * 12 + i64::from(date.month()) - 1,
+            day: date.day(),
+            seconds_of_day: seconds.rem_euclid(86_400),
+            nanos: anchor.timestamp_subsec_nanos(),
+        }
     }
-    .expect("month arithmetic stays within chrono's range for realistic anchors");
-    let day = date
-        .day()
-        .min(days_in_month(shifted.year(), shifted.month()));
-    let target = NaiveDate::from_ymd_opt(shifted.year(), shifted.month(), day)
-        .expect("day clamped to the month's length")
-        .and_time(naive.time());
-    Utc.from_utc_datetime(&target)
+
+    /// The boundary `months` months from the anchor, the day clamped to the
+    /// target month's length.
+    fn boundary(&self, months: i64) -> DateTime<Utc> {
+        let index = self.month_index + months;
+        let year = index.div_euclid(12);
+        let month = (index.rem_euclid(12) + 1) as u32;
+        let day = self.day.min(days_in_month(year as i32, month));
+        let seconds = days_from_civil(year, month, day) * 86_400 + self.seconds_of_day;
+        DateTime::from_timestamp(seconds, self.nanos)
+            .expect("within chrono's range for realistic anchors")
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month = i64::from(month);
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 pub fn days_in_month(year: i32, month: u32) -> u32 {
-    let (next_year, next_month) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
-    NaiveDate::from_ymd_opt(next_year, next_month, 1)
-        .and_then(|first| first.pred_opt())
-        .map_or(28, |last| last.day())
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// The period of `interval`, anchored at `anchor`, that contains `at`.
@@ -110,20 +136,26 @@ pub fn period_containing(
             } else {
                 12
             };
-            let months_apart = (i64::from(at.year()) - i64::from(anchor.year())) * 12
-                + i64::from(at.month())
-                - i64::from(anchor.month());
+            let civil = CivilAnchor::new(anchor);
+            let at_date = at.date_naive();
+            let months_apart =
+                i64::from(at_date.year()) * 12 + i64::from(at_date.month()) - 1 - civil.month_index;
             // An estimate within one step of the answer; walk to it.
             let mut k = months_apart.div_euclid(step);
-            while month_boundary(anchor, k * step) > at {
+            let mut start = civil.boundary(k * step);
+            while start > at {
                 k -= 1;
+                start = civil.boundary(k * step);
             }
-            while month_boundary(anchor, (k + 1) * step) <= at {
+            let mut end = civil.boundary((k + 1) * step);
+            while end <= at {
                 k += 1;
+                start = end;
+                end = civil.boundary((k + 1) * step);
             }
             Period {
-                start: month_boundary(anchor, k * step),
-                end: Some(month_boundary(anchor, (k + 1) * step)),
+                start,
+                end: Some(end),
             }
         }
     }
@@ -257,6 +289,21 @@ mod tests {
             }
             last = Some(p);
             t += Duration::hours(7);
+        }
+    }
+
+    #[test]
+    fn civil_day_numbers_match_chrono() {
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
+        let mut date = chrono::NaiveDate::from_ymd_opt(1895, 1, 1).unwrap();
+        while date < chrono::NaiveDate::from_ymd_opt(2105, 1, 1).unwrap() {
+            let expected = (date - epoch).num_days();
+            assert_eq!(
+                days_from_civil(i64::from(date.year()), date.month(), date.day()),
+                expected,
+                "{date}"
+            );
+            date = date.succ_opt().unwrap();
         }
     }
 

@@ -261,15 +261,27 @@ pub async fn check(
         ));
     }
     let project = &auth.principal.project;
+    let (grace, now) = (state.billing.grace(), state.clock.now());
+    let answer = |org: &std::sync::Arc<OrgState>| {
+        org.answer(
+            &project.catalog,
+            &request.feature,
+            request.required,
+            request.with_preview,
+            grace,
+            now,
+        )
+    };
+    // The hot path: a cached org, no reference count taken, no store read.
+    if let Some(hit) = state
+        .snapshot
+        .orgs
+        .with(project.project.id, &request.org_id, answer)
+    {
+        return Ok(Json(hit));
+    }
     let org = org_state(&state, project.project.id, &request.org_id).await?;
-    Ok(Json(org.answer(
-        &project.catalog,
-        &request.feature,
-        request.required,
-        request.with_preview,
-        state.billing.grace(),
-        state.clock.now(),
-    )))
+    Ok(Json(answer(&org)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
