@@ -119,7 +119,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         settings.billing.write_batch_max,
         background.clone(),
     );
-    let state = AppState {
+    let state = AppState::new(state::Shared {
         store,
         snapshot: snapshot.clone(),
         clock,
@@ -133,7 +133,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         org_writer,
         billing: Arc::new(settings.billing.clone()),
         stripe: Arc::new(settings.stripe.clone()),
-    };
+    });
     let listener = TcpListener::bind(settings.bind)
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;

