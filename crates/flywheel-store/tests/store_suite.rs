@@ -471,8 +471,7 @@ async fn identity_links_resolve_at_read_and_first_link_wins(backend: Backend) {
             vec![anonymous_view, identify, later_other, alias, cycle, group],
         )])
         .await
-        .unwrap()
-        .results;
+        .unwrap();
 
     assert_eq!(
         store.resolve_person(p.id, "anon-1").await.unwrap(),
@@ -686,8 +685,7 @@ async fn settings_and_schemas_are_part_of_the_config(backend: Backend) {
     store
         .commit_events(&[batch(&p, vec![broken.clone()])])
         .await
-        .unwrap()
-        .results;
+        .unwrap();
     let violations = store.list_schema_violations(p.id, 10).await.unwrap();
     assert_eq!(violations.len(), 1);
     assert_eq!(
@@ -717,8 +715,7 @@ async fn deleted_people_are_gone_and_stay_gone(backend: Backend) {
             vec![anonymous, identify.clone(), group, bystander],
         )])
         .await
-        .unwrap()
-        .results;
+        .unwrap();
 
     let ids = store.person_ids(p.id, "user-d").await.unwrap();
     let deleted = store.delete_person(p.id, &ids, at(10)).await.unwrap();
