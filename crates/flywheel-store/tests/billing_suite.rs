@@ -20,6 +20,7 @@ flywheel_store::for_each_backend!(
     catalog_versions_are_appended_and_compiled_into_the_config,
     consume_is_idempotent_and_a_reused_key_is_refused,
     concurrent_consumers_on_two_connections_never_overrun_a_hard_limit,
+    concurrent_batches_on_two_connections_never_overrun_a_hard_limit,
     org_state_round_trips_with_subscription_grants_and_overrides,
     meters_count_new_events_in_their_commit_and_never_duplicates,
 );
@@ -214,6 +215,45 @@ async fn concurrent_consumers_on_two_connections_never_overrun_a_hard_limit(back
     assert_eq!(granted, 10, "exactly the limit");
     let state = store.load_org(p.id, "acme").await.unwrap().unwrap();
     assert_eq!(state.usage["api_calls"].used(), 10);
+}
+
+async fn concurrent_batches_on_two_connections_never_overrun_a_hard_limit(backend: Backend) {
+    let (db, store, p) = setup(backend).await;
+    let other = db.open().await;
+    // Group-committed batches (as the server's writer sends them), racing
+    // from two nodes on a fresh org.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
+            let requests: Vec<OrgRequest> = (0..10)
+                .map(|j| {
+                    request(
+                        &p,
+                        "acme",
+                        consume(1),
+                        Some(&format!("k{i}-{j}")),
+                        Utc::now(),
+                    )
+                })
+                .collect();
+            tokio::spawn(async move { store.execute_org_requests(&requests).await })
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        let commit = task.await.unwrap().unwrap();
+        granted += commit.results.iter().filter(|r| used(r).0).count();
+    }
+    let state = store.load_org(p.id, "acme").await.unwrap().unwrap();
+    assert_eq!(
+        (granted, state.usage["api_calls"].used()),
+        (10, 10),
+        "exactly the limit"
+    );
 }
 
 async fn org_state_round_trips_with_subscription_grants_and_overrides(backend: Backend) {

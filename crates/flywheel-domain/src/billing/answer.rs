@@ -232,6 +232,7 @@ impl OrgState {
         grace: Duration,
         now: DateTime<Utc>,
     ) -> Result<Reply, DomainError> {
+        let now = self.monotonic(now);
         let outcome = self.apply(catalog, command, grace, now)?;
         Ok(match (command, outcome) {
             (OrgCommand::Consume { feature, amount }, CommandOutcome::Usage { applied }) => {

@@ -310,9 +310,22 @@ impl OrgState {
             .sum()
     }
 
+    /// Time as this org has seen it: never before its creation or the start
+    /// of a period it already wrote. Nodes' clocks differ and a request's
+    /// time is taken before it waits for the org's lock, so without this a
+    /// late request could land in an earlier period and see it empty.
+    pub fn monotonic(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.usage
+            .values()
+            .map(|counter| counter.period_start)
+            .fold(now.max(self.created_at), DateTime::max)
+    }
+
     fn counter(&self, feature: &str, period: &Period) -> UsageCounter {
         match self.usage.get(feature) {
-            Some(counter) if counter.period_start == period.start => *counter,
+            // A stored counter newer than `period` (a reader behind the
+            // writer's clock) is still the current one.
+            Some(counter) if counter.period_start >= period.start => *counter,
             _ => UsageCounter {
                 period_start: period.start,
                 plan_used: 0,
@@ -559,6 +572,7 @@ impl OrgState {
         grace: Duration,
         now: DateTime<Utc>,
     ) -> Result<CommandOutcome, DomainError> {
+        let now = self.monotonic(now);
         self.settle(now);
         match command {
             OrgCommand::Consume { feature, amount } => {
@@ -963,6 +977,7 @@ impl OrgState {
         grace: Duration,
         at: DateTime<Utc>,
     ) {
+        let at = self.monotonic(at);
         self.settle(at);
         let feature = meter.feature.as_str();
         match (meter.aggregation, reading) {

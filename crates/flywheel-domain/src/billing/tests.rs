@@ -1093,3 +1093,30 @@ fn an_unmapped_stripe_price_keeps_the_current_plan() {
         .unwrap();
     assert_eq!(state.subscription.as_ref().unwrap().plan, "pro");
 }
+
+#[test]
+fn a_request_timed_before_the_org_was_created_lands_in_the_current_period() {
+    // Node B took its time before node A created the org and wrote usage.
+    let c = catalog();
+    let mut state = org("2027-01-31T10:00:00.000500Z");
+    assert!(consume(
+        &mut state,
+        &c,
+        "api_calls",
+        5,
+        "2027-01-31T10:00:00.000600Z"
+    ));
+    assert!(
+        !consume(
+            &mut state,
+            &c,
+            "api_calls",
+            1,
+            "2027-01-31T10:00:00.000100Z"
+        ),
+        "not an empty earlier period"
+    );
+    assert_eq!(state.usage.len(), 1);
+    // Reads behind the writer's clock see the current counter too.
+    assert_eq!(used(&state, &c, "api_calls", "2027-01-31T09:59:59Z"), 5);
+}
