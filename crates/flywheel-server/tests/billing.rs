@@ -369,7 +369,27 @@ async fn concurrent_consumes_across_two_nodes_grant_exactly_the_limit(backend: B
         }
     }
     assert_eq!(granted, 10, "a hard limit of 10 grants exactly 10");
-    assert_eq!(check(&app.secret, "acme", "api_calls").await["used"], 10);
+    // What is stored, through a third node with an empty cache.
+    let fresh = common::start(common::test_settings(&app.db), Arc::new(SystemClock)).await;
+    let third = fresh.client.with_key(&app.secret_key);
+    assert_eq!(check(&third, "acme", "api_calls").await["used"], 10);
+    if backend == Backend::Postgres {
+        // Other nodes' writes reach this node's cache by NOTIFY (bounded wait:
+        // delivery crosses connections by design).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let used = check(&app.secret, "acme", "api_calls").await["used"].clone();
+            if used == 10 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node A still sees used = {used}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    fresh.server.shutdown().await.unwrap();
     node.server.shutdown().await.unwrap();
 }
 

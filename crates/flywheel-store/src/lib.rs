@@ -185,7 +185,8 @@ pub enum OrgResult {
 #[derive(Debug, Clone, Default)]
 pub struct OrgCommit {
     pub results: Vec<OrgResult>,
-    /// Every org the requests changed, as committed.
+    /// Every org the requests named, as committed: changed or not, it is
+    /// the latest state (the org was locked), so it refreshes caches.
     pub orgs: Vec<(ProjectId, Arc<OrgState>)>,
 }
 

@@ -1240,9 +1240,11 @@ impl Store for SqliteStore {
             keys.sort();
             for key in keys {
                 let after = states.remove(&key).expect("listed above");
-                if let Some(saved) = save_org_in(&mut tx, &key.0 .0.to_string(), &before[&key], after).await? {
-                    commit.orgs.push((key.0, std::sync::Arc::new(saved)));
-                }
+                let saved = save_org_in(&mut tx, &key.0 .0.to_string(), &before[&key], after).await?;
+                // Changed or not, this is the latest committed state (the
+                // org was locked): it refreshes caches either way.
+                let state = saved.unwrap_or_else(|| before[&key].clone());
+                commit.orgs.push((key.0, std::sync::Arc::new(state)));
             }
             for (project, key, fingerprint, reply, at) in fresh {
                 sqlx::query(
