@@ -1178,9 +1178,8 @@ impl Store for SqliteStore {
     ) -> Result<Option<OrgState>, StoreError> {
         timed(Backend::Sqlite, "load_org", async {
             let mut conn = self.reader.acquire().await?;
-            let ids = [org_id.to_string()];
-            let mut states =
-                load_orgs_in(&mut conn, &project.0.to_string(), &ids, Utc::now()).await?;
+            let ids = [(org_id.to_string(), Utc::now())];
+            let mut states = load_orgs_in(&mut conn, &project.0.to_string(), &ids).await?;
             Ok(states.remove(org_id).filter(|state| state.version > 0))
         })
         .await
@@ -1207,57 +1206,92 @@ impl Store for SqliteStore {
     async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError> {
         timed(Backend::Sqlite, "execute_org_requests", async {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let mut replies = HashMap::new();
+            // Set-wise per project: a few statements per group, not per request.
+            let mut by_project: BTreeMap<ProjectId, Vec<&OrgRequest>> = BTreeMap::new();
             for request in requests {
-                let Some(key) = &request.idempotency_key else { continue };
-                let row = sqlx::query(
-                    "SELECT fingerprint, reply FROM org_requests WHERE project_id = ? AND idempotency_key = ?",
-                )
-                .bind(request.project.0.to_string())
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(row) = row {
-                    let reply: Reply = from_json_text(&row.try_get::<String, _>("reply")?)?;
-                    replies.insert((request.project, key.clone()), (row.try_get("fingerprint")?, reply));
-                }
+                by_project.entry(request.project).or_default().push(request);
             }
+            let mut replies = HashMap::new();
             let mut states = HashMap::new();
-            for request in requests {
-                let key = (request.project, request.org_id.clone());
-                if states.contains_key(&key) {
-                    continue;
+            for (project, group) in &by_project {
+                let id = project.0.to_string();
+                let keys: Vec<&str> = group
+                    .iter()
+                    .filter_map(|request| request.idempotency_key.as_deref())
+                    .collect();
+                for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                    let mut query = QueryBuilder::<Sqlite>::new(
+                        "SELECT idempotency_key, fingerprint, reply FROM org_requests WHERE project_id = ",
+                    );
+                    query.push_bind(&id).push(" AND idempotency_key IN (");
+                    let mut list = query.separated(", ");
+                    for key in chunk {
+                        list.push_bind(*key);
+                    }
+                    query.push(")");
+                    for row in query.build().fetch_all(&mut *tx).await? {
+                        let reply: Reply = from_json_text(&row.try_get::<String, _>("reply")?)?;
+                        replies.insert(
+                            (*project, row.try_get("idempotency_key")?),
+                            (row.try_get("fingerprint")?, reply),
+                        );
+                    }
                 }
-                let project = request.project.0.to_string();
-                let loaded = load_orgs_in(&mut tx, &project, std::slice::from_ref(&request.org_id), request.now).await?;
-                states.insert(key, loaded.into_values().next().expect("one org loaded"));
+                // A new org is created as of the first request naming it.
+                let mut orgs: Vec<(String, DateTime<Utc>)> = Vec::new();
+                for request in group {
+                    if !orgs.iter().any(|(org, _)| *org == request.org_id) {
+                        orgs.push((request.org_id.clone(), request.now));
+                    }
+                }
+                for (org, state) in load_orgs_in(&mut tx, &id, &orgs).await? {
+                    states.insert((*project, org), state);
+                }
             }
             let before = states.clone();
             let mut fresh = Vec::new();
             let results = run_org_requests(requests, &mut states, &mut replies, &mut fresh);
-            let mut commit = OrgCommit { results, orgs: Vec::new() };
-            let mut keys: Vec<(ProjectId, String)> = states.keys().cloned().collect();
-            keys.sort();
-            for key in keys {
-                let after = states.remove(&key).expect("listed above");
-                let saved = save_org_in(&mut tx, &key.0 .0.to_string(), &before[&key], after).await?;
-                // Changed or not, this is the latest committed state (the
-                // org was locked): it refreshes caches either way.
-                let state = saved.unwrap_or_else(|| before[&key].clone());
-                commit.orgs.push((key.0, std::sync::Arc::new(state)));
+            let mut commit = OrgCommit {
+                results,
+                orgs: Vec::new(),
+            };
+            for project in by_project.keys() {
+                let mut keys: Vec<(ProjectId, String)> =
+                    states.keys().filter(|(p, _)| p == project).cloned().collect();
+                keys.sort();
+                let writes: Vec<(&OrgState, OrgState)> = keys
+                    .iter()
+                    .map(|key| (&before[key], states.remove(key).expect("listed above")))
+                    .collect();
+                let saved = save_orgs_in(&mut tx, &project.0.to_string(), writes).await?;
+                // Changed or not, each is the latest committed state (this
+                // transaction held the write lock): it refreshes caches.
+                commit
+                    .orgs
+                    .extend(saved.into_iter().map(|state| (*project, std::sync::Arc::new(state))));
             }
-            for (project, key, fingerprint, reply, at) in fresh {
-                sqlx::query(
-                    "INSERT INTO org_requests (project_id, idempotency_key, fingerprint, reply, created_at) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(project.0.to_string())
-                .bind(key)
-                .bind(fingerprint)
-                .bind(json_text(&reply)?)
-                .bind(at.timestamp_micros())
-                .execute(&mut *tx)
-                .await?;
+            for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+                let mut rows = Vec::with_capacity(chunk.len());
+                for (project, key, fingerprint, reply, at) in chunk {
+                    rows.push((
+                        project.0.to_string(),
+                        key.clone(),
+                        fingerprint.clone(),
+                        json_text(reply)?,
+                        at.timestamp_micros(),
+                    ));
+                }
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO org_requests (project_id, idempotency_key, fingerprint, reply, created_at) ",
+                );
+                query.push_values(rows, |mut row, (project, key, fingerprint, reply, at)| {
+                    row.push_bind(project)
+                        .push_bind(key)
+                        .push_bind(fingerprint)
+                        .push_bind(reply)
+                        .push_bind(at);
+                });
+                query.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(commit)
@@ -1295,144 +1329,202 @@ fn from_json_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Store
     serde_json::from_str(text).map_err(StoreError::internal)
 }
 
-/// Loads the orgs' billing state (SQLite has one writer, so the transaction
-/// already excludes every other writer). Orgs without a row start fresh,
-/// created `now`.
+/// Loads the orgs' billing state in three statements per chunk (SQLite has
+/// one writer, so the transaction already excludes every other writer).
+/// Orgs without a row start fresh, created at the time paired with them.
 async fn load_orgs_in(
     conn: &mut SqliteConnection,
     project: &str,
-    org_ids: &[String],
-    now: DateTime<Utc>,
+    orgs: &[(String, DateTime<Utc>)],
 ) -> Result<HashMap<String, OrgState>, StoreError> {
-    let mut states = HashMap::with_capacity(org_ids.len());
-    for org_id in org_ids {
-        if states.contains_key(org_id) {
-            continue;
+    let mut states: HashMap<String, OrgState> = orgs
+        .iter()
+        .map(|(org, created)| (org.clone(), OrgState::new(org.clone(), *created)))
+        .collect();
+    let ids: Vec<String> = states.keys().cloned().collect();
+    fn in_list(query: &mut QueryBuilder<'_, Sqlite>, chunk: &[String]) {
+        query.push(" AND org_id IN (");
+        let mut list = query.separated(", ");
+        for id in chunk {
+            list.push_bind(id.clone());
         }
-        let row = sqlx::query(
-            "SELECT created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
-             WHERE project_id = ? AND org_id = ?",
-        )
-        .bind(project)
-        .bind(org_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let mut state = OrgState::new(org_id.clone(), now);
-        if let Some(row) = row {
+        query.push(")");
+    }
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT org_id, created_at, subscription, overrides, stripe_customer_id, version \
+             FROM orgs WHERE project_id = ",
+        );
+        query.push_bind(project);
+        in_list(&mut query, chunk);
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let org: String = row.try_get("org_id")?;
+            let Some(state) = states.get_mut(&org) else {
+                continue;
+            };
             state.created_at = micros_to_time(row.try_get("created_at")?)?;
             let subscription: Option<String> = row.try_get("subscription")?;
             state.subscription = subscription.as_deref().map(from_json_text).transpose()?;
             state.overrides = from_json_text(&row.try_get::<String, _>("overrides")?)?;
             state.stripe_customer_id = row.try_get("stripe_customer_id")?;
             state.version = row.try_get("version")?;
-            let counters = sqlx::query(
-                "SELECT feature, period_start, plan_used, grant_used FROM usage_counters AS c \
-                 WHERE project_id = ? AND org_id = ? AND period_start = \
-                 (SELECT MAX(period_start) FROM usage_counters AS d WHERE d.project_id = c.project_id \
-                  AND d.org_id = c.org_id AND d.feature = c.feature)",
-            )
-            .bind(project)
-            .bind(org_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            for row in counters {
-                state.usage.insert(
-                    row.try_get("feature")?,
-                    UsageCounter {
-                        period_start: micros_to_time(row.try_get("period_start")?)?,
-                        plan_used: row.try_get("plan_used")?,
-                        grant_used: row.try_get("grant_used")?,
-                    },
-                );
-            }
-            let grants = sqlx::query(
-                "SELECT grant_id, feature, amount, remaining, expires_at, created_at, reason \
-                 FROM usage_grants WHERE project_id = ? AND org_id = ? ORDER BY created_at, grant_id",
-            )
-            .bind(project)
-            .bind(org_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            for row in grants {
-                state.grants.push(UsageGrant {
-                    id: uuid_column(&row, "grant_id")?,
-                    feature: row.try_get("feature")?,
-                    amount: row.try_get("amount")?,
-                    remaining: row.try_get("remaining")?,
-                    expires_at: row
-                        .try_get::<Option<i64>, _>("expires_at")?
-                        .map(micros_to_time)
-                        .transpose()?,
-                    created_at: micros_to_time(row.try_get("created_at")?)?,
-                    reason: row.try_get("reason")?,
-                });
-            }
         }
-        states.insert(org_id.clone(), state);
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT org_id, feature, period_start, plan_used, grant_used FROM usage_counters AS c \
+             WHERE project_id = ",
+        );
+        query.push_bind(project);
+        in_list(&mut query, chunk);
+        query.push(
+            " AND period_start = (SELECT MAX(period_start) FROM usage_counters AS d \
+             WHERE d.project_id = c.project_id AND d.org_id = c.org_id AND d.feature = c.feature)",
+        );
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let org: String = row.try_get("org_id")?;
+            let Some(state) = states.get_mut(&org) else {
+                continue;
+            };
+            state.usage.insert(
+                row.try_get("feature")?,
+                UsageCounter {
+                    period_start: micros_to_time(row.try_get("period_start")?)?,
+                    plan_used: row.try_get("plan_used")?,
+                    grant_used: row.try_get("grant_used")?,
+                },
+            );
+        }
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT org_id, grant_id, feature, amount, remaining, expires_at, created_at, reason \
+             FROM usage_grants WHERE project_id = ",
+        );
+        query.push_bind(project);
+        in_list(&mut query, chunk);
+        query.push(" ORDER BY created_at, grant_id");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let org: String = row.try_get("org_id")?;
+            let Some(state) = states.get_mut(&org) else {
+                continue;
+            };
+            state.grants.push(UsageGrant {
+                id: uuid_column(&row, "grant_id")?,
+                feature: row.try_get("feature")?,
+                amount: row.try_get("amount")?,
+                remaining: row.try_get("remaining")?,
+                expires_at: row
+                    .try_get::<Option<i64>, _>("expires_at")?
+                    .map(micros_to_time)
+                    .transpose()?,
+                created_at: micros_to_time(row.try_get("created_at")?)?,
+                reason: row.try_get("reason")?,
+            });
+        }
     }
     Ok(states)
 }
 
-/// Writes what changed between `before` and `after` (bumping the version).
-/// Returns the committed state when anything changed.
-async fn save_org_in(
+/// Writes what changed between each `before` and `after` (bumping versions)
+/// in a few multi-row statements. Returns every org's state after the write.
+async fn save_orgs_in(
     conn: &mut SqliteConnection,
     project: &str,
-    before: &OrgState,
-    mut after: OrgState,
-) -> Result<Option<OrgState>, StoreError> {
-    let Some(write) = plan_org_write(before, &mut after) else {
-        return Ok(None);
-    };
-    sqlx::query(
-        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, stripe_customer_id, version) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id) DO UPDATE SET \
-         subscription = excluded.subscription, overrides = excluded.overrides, \
-         stripe_customer_id = excluded.stripe_customer_id, version = excluded.version",
-    )
-    .bind(project)
-    .bind(&after.org_id)
-    .bind(after.created_at.timestamp_micros())
-    .bind(after.subscription.as_ref().map(json_text).transpose()?)
-    .bind(json_text(&after.overrides)?)
-    .bind(&after.stripe_customer_id)
-    .bind(after.version)
-    .execute(&mut *conn)
-    .await?;
-    for (feature, counter) in &write.counters {
-        sqlx::query(
-            "INSERT INTO usage_counters (project_id, org_id, feature, period_start, plan_used, grant_used) \
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id, feature, period_start) \
+    writes: Vec<(&OrgState, OrgState)>,
+) -> Result<Vec<OrgState>, StoreError> {
+    let mut states = Vec::with_capacity(writes.len());
+    let mut changed = Vec::new();
+    for (before, mut after) in writes {
+        match plan_org_write(before, &mut after) {
+            Some(write) => changed.push((after, write)),
+            None => states.push(after),
+        }
+    }
+    // SQLite binds at most 32,766 parameters per statement: chunk by columns.
+    for chunk in changed.chunks(ROWS_PER_STATEMENT / 8) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (after, _) in chunk {
+            rows.push((
+                after,
+                after.subscription.as_ref().map(json_text).transpose()?,
+                json_text(&after.overrides)?,
+            ));
+        }
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, stripe_customer_id, version) ",
+        );
+        query.push_values(rows, |mut row, (after, subscription, overrides)| {
+            row.push_bind(project)
+                .push_bind(after.org_id.clone())
+                .push_bind(after.created_at.timestamp_micros())
+                .push_bind(subscription)
+                .push_bind(overrides)
+                .push_bind(after.stripe_customer_id.clone())
+                .push_bind(after.version);
+        });
+        query.push(
+            " ON CONFLICT (project_id, org_id) DO UPDATE SET subscription = excluded.subscription, \
+             overrides = excluded.overrides, stripe_customer_id = excluded.stripe_customer_id, \
+             version = excluded.version",
+        );
+        query.build().execute(&mut *conn).await?;
+    }
+    let counters: Vec<(&str, &String, &UsageCounter)> = changed
+        .iter()
+        .flat_map(|(after, write)| {
+            write
+                .counters
+                .iter()
+                .map(move |(feature, counter)| (after.org_id.as_str(), feature, counter))
+        })
+        .collect();
+    for chunk in counters.chunks(ROWS_PER_STATEMENT / 6) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_counters (project_id, org_id, feature, period_start, plan_used, grant_used) ",
+        );
+        query.push_values(chunk, |mut row, (org, feature, counter)| {
+            row.push_bind(project)
+                .push_bind(*org)
+                .push_bind(feature.as_str())
+                .push_bind(counter.period_start.timestamp_micros())
+                .push_bind(counter.plan_used)
+                .push_bind(counter.grant_used);
+        });
+        query.push(
+            " ON CONFLICT (project_id, org_id, feature, period_start) \
              DO UPDATE SET plan_used = excluded.plan_used, grant_used = excluded.grant_used",
-        )
-        .bind(project)
-        .bind(&after.org_id)
-        .bind(feature)
-        .bind(counter.period_start.timestamp_micros())
-        .bind(counter.plan_used)
-        .bind(counter.grant_used)
-        .execute(&mut *conn)
-        .await?;
+        );
+        query.build().execute(&mut *conn).await?;
     }
-    for grant in &write.grants {
-        sqlx::query(
-            "INSERT INTO usage_grants (project_id, org_id, grant_id, feature, amount, remaining, expires_at, created_at, reason) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, org_id, grant_id) \
-             DO UPDATE SET remaining = excluded.remaining",
-        )
-        .bind(project)
-        .bind(&after.org_id)
-        .bind(grant.id.to_string())
-        .bind(&grant.feature)
-        .bind(grant.amount)
-        .bind(grant.remaining)
-        .bind(grant.expires_at.map(|at| at.timestamp_micros()))
-        .bind(grant.created_at.timestamp_micros())
-        .bind(&grant.reason)
-        .execute(&mut *conn)
-        .await?;
+    let grants: Vec<(&str, &UsageGrant)> = changed
+        .iter()
+        .flat_map(|(after, write)| {
+            write
+                .grants
+                .iter()
+                .map(move |grant| (after.org_id.as_str(), grant))
+        })
+        .collect();
+    for chunk in grants.chunks(ROWS_PER_STATEMENT / 9) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_grants (project_id, org_id, grant_id, feature, amount, remaining, \
+             expires_at, created_at, reason) ",
+        );
+        query.push_values(chunk, |mut row, (org, grant)| {
+            row.push_bind(project)
+                .push_bind(*org)
+                .push_bind(grant.id.to_string())
+                .push_bind(grant.feature.as_str())
+                .push_bind(grant.amount)
+                .push_bind(grant.remaining)
+                .push_bind(grant.expires_at.map(|at| at.timestamp_micros()))
+                .push_bind(grant.created_at.timestamp_micros())
+                .push_bind(grant.reason.as_deref());
+        });
+        query.push(
+            " ON CONFLICT (project_id, org_id, grant_id) DO UPDATE SET remaining = excluded.remaining",
+        );
+        query.build().execute(&mut *conn).await?;
     }
-    Ok(Some(after))
+    states.extend(changed.into_iter().map(|(after, _)| after));
+    Ok(states)
 }
 
 /// Applies the meters of a batch's new events, in the events' transaction.
@@ -1451,8 +1543,11 @@ async fn apply_meters(
         .map(|event| event.received_at)
         .max()
         .expect("inputs come from events");
-    let org_ids: Vec<String> = inputs.iter().map(|(org, ..)| org.clone()).collect();
-    let mut states = load_orgs_in(conn, project, &org_ids, now).await?;
+    let mut orgs: Vec<(String, DateTime<Utc>)> =
+        inputs.iter().map(|(org, ..)| (org.clone(), now)).collect();
+    orgs.sort();
+    orgs.dedup();
+    let mut states = load_orgs_in(conn, project, &orgs).await?;
     let before = states.clone();
     let mut readings = Vec::with_capacity(inputs.len());
     for (org, meter, input) in inputs {
@@ -1482,14 +1577,16 @@ async fn apply_meters(
         readings.push((org, meter, reading));
     }
     apply_readings(billing, &mut states, readings, now);
-    let mut saved = Vec::new();
-    let mut orgs: Vec<String> = states.keys().cloned().collect();
-    orgs.sort();
-    for org in orgs {
-        let after = states.remove(&org).expect("listed above");
-        if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
-            saved.push(state);
-        }
-    }
-    Ok(saved)
+    let mut keys: Vec<String> = states.keys().cloned().collect();
+    keys.sort();
+    let writes: Vec<(&OrgState, OrgState)> = keys
+        .iter()
+        .map(|org| (&before[org], states.remove(org).expect("listed above")))
+        .collect();
+    let saved = save_orgs_in(conn, project, writes).await?;
+    // Only the orgs the events changed (the others were only read).
+    Ok(saved
+        .into_iter()
+        .filter(|state| state.version != before[&state.org_id].version)
+        .collect())
 }
