@@ -186,8 +186,12 @@ where
                 )
             }
         })?;
-        // Parse to a tree first, so syntax errors and shape errors are told
-        // apart reliably, and shape errors name the field (`label: …`).
+        // The common case first: straight into `T`, one pass.
+        if let Ok(value) = serde_json::from_slice::<T>(&bytes) {
+            return Ok(ApiJson(value));
+        }
+        // On failure, parse to a tree, so syntax errors and shape errors are
+        // told apart reliably, and shape errors name the field (`label: …`).
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

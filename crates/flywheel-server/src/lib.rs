@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, ETAG, RETRY_AFTER};
-use axum::http::{HeaderName, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 pub mod auth;
@@ -199,6 +201,22 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     })
 }
 
+/// Request ids: random UUIDs from the thread's userspace CSPRNG (tower-http's
+/// `MakeRequestUuid` asks the kernel for entropy on every request).
+#[derive(Clone, Copy)]
+struct FastRequestId;
+
+impl MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
+        let bytes: [u8; 16] = rand::random();
+        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut text).as_bytes())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
 /// The complete application: routes plus the middleware every request passes.
 pub fn app(state: AppState, settings: &Settings) -> Router {
     let timeout = Duration::from_secs(settings.http.request_timeout_secs.max(1));
@@ -209,7 +227,7 @@ pub fn app(state: AppState, settings: &Settings) -> Router {
         .layer(cors())
         .layer(
             ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestId))
                 .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
                     let request_id = request
                         .headers()
