@@ -94,14 +94,17 @@ fn static_method(method: &axum::http::Method) -> &'static str {
 }
 
 type HttpHandles = (metrics::Counter, metrics::Histogram);
+type HandlesByRoute = std::collections::HashMap<
+    String,
+    Vec<((&'static str, u16), HttpHandles)>,
+    foldhash::fast::RandomState,
+>;
 
 thread_local! {
     /// Metric handles per route, then per (method, status), per worker
     /// thread: the registry look-up (building and hashing the label set,
     /// allocating its strings) was a visible share of a cheap request.
-    static HTTP_METRICS: std::cell::RefCell<
-        std::collections::HashMap<String, Vec<((&'static str, u16), HttpHandles)>, foldhash::fast::RandomState>,
-    > = std::cell::RefCell::new(std::collections::HashMap::default());
+    static HTTP_METRICS: std::cell::RefCell<HandlesByRoute> = std::cell::RefCell::new(HandlesByRoute::default());
 }
 
 fn http_metrics(method: &'static str, route: &str, status: u16) -> HttpHandles {
