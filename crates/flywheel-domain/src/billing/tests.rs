@@ -73,6 +73,20 @@ fn consume(state: &mut OrgState, c: &Catalog, feature: &str, amount: i64, now: &
     outcome == CommandOutcome::Usage { applied: true }
 }
 
+fn change_plan(state: &mut OrgState, c: &Catalog, plan: &str, now: &str) -> CommandOutcome {
+    let command = OrgCommand::ChangePlan {
+        plan: plan.into(),
+        timing: None,
+    };
+    state.apply(c, &command, GRACE, at(now)).unwrap()
+}
+
+fn set_status(state: &mut OrgState, c: &Catalog, status: SubscriptionStatus, now: &str) {
+    state
+        .apply(c, &OrgCommand::SetStatus { status }, GRACE, at(now))
+        .unwrap();
+}
+
 fn used(state: &OrgState, c: &Catalog, feature: &str, now: &str) -> i64 {
     state
         .check(c, feature, 1, GRACE, at(now))
@@ -335,17 +349,7 @@ fn an_upgrade_applies_at_once_and_carries_usage() {
 fn a_downgrade_waits_for_the_period_end_and_then_resets() {
     let c = catalog();
     let mut state = org("2027-01-31T00:00:00Z");
-    state
-        .apply(
-            &c,
-            &OrgCommand::ChangePlan {
-                plan: "scale".into(),
-                timing: None,
-            },
-            GRACE,
-            at("2027-02-01T00:00:00Z"),
-        )
-        .unwrap();
+    change_plan(&mut state, &c, "scale", "2027-02-01T00:00:00Z");
     assert!(consume(
         &mut state,
         &c,
@@ -353,17 +357,7 @@ fn a_downgrade_waits_for_the_period_end_and_then_resets() {
         40,
         "2027-02-10T00:00:00Z"
     ));
-    let outcome = state
-        .apply(
-            &c,
-            &OrgCommand::ChangePlan {
-                plan: "free".into(),
-                timing: None,
-            },
-            GRACE,
-            at("2027-02-10T00:00:00Z"),
-        )
-        .unwrap();
+    let outcome = change_plan(&mut state, &c, "free", "2027-02-10T00:00:00Z");
     let CommandOutcome::Plan {
         effective_plan,
         scheduled,
@@ -454,17 +448,7 @@ fn an_immediate_downgrade_carries_usage_and_the_hard_limit_blocks() {
 fn cancel_keeps_access_to_period_end_and_resume_withdraws_it() {
     let c = catalog();
     let mut state = org("2027-01-15T00:00:00Z");
-    state
-        .apply(
-            &c,
-            &OrgCommand::ChangePlan {
-                plan: "pro".into(),
-                timing: None,
-            },
-            GRACE,
-            at("2027-01-20T00:00:00Z"),
-        )
-        .unwrap();
+    change_plan(&mut state, &c, "pro", "2027-01-20T00:00:00Z");
     state
         .apply(
             &c,
@@ -497,17 +481,7 @@ fn cancel_keeps_access_to_period_end_and_resume_withdraws_it() {
             .allowed
     );
     // Resuming (asking for the current plan) before the end withdraws it.
-    state
-        .apply(
-            &c,
-            &OrgCommand::ChangePlan {
-                plan: "pro".into(),
-                timing: None,
-            },
-            GRACE,
-            at("2027-02-01T00:00:00Z"),
-        )
-        .unwrap();
+    change_plan(&mut state, &c, "pro", "2027-02-01T00:00:00Z");
     assert!(
         state
             .check(&c, "sso", 1, GRACE, at("2027-03-01T00:00:00Z"))
@@ -535,38 +509,20 @@ fn cancel_keeps_access_to_period_end_and_resume_withdraws_it() {
 fn past_due_keeps_access_for_the_grace_period_then_lapses() {
     let c = catalog();
     let mut state = org("2027-01-01T00:00:00Z");
-    state
-        .apply(
-            &c,
-            &OrgCommand::ChangePlan {
-                plan: "pro".into(),
-                timing: None,
-            },
-            GRACE,
-            at("2027-01-02T00:00:00Z"),
-        )
-        .unwrap();
-    state
-        .apply(
-            &c,
-            &OrgCommand::SetStatus {
-                status: SubscriptionStatus::PastDue,
-            },
-            GRACE,
-            at("2027-01-10T00:00:00Z"),
-        )
-        .unwrap();
+    change_plan(&mut state, &c, "pro", "2027-01-02T00:00:00Z");
+    set_status(
+        &mut state,
+        &c,
+        SubscriptionStatus::PastDue,
+        "2027-01-10T00:00:00Z",
+    );
     // A second failure does not restart the grace period.
-    state
-        .apply(
-            &c,
-            &OrgCommand::SetStatus {
-                status: SubscriptionStatus::PastDue,
-            },
-            GRACE,
-            at("2027-01-12T00:00:00Z"),
-        )
-        .unwrap();
+    set_status(
+        &mut state,
+        &c,
+        SubscriptionStatus::PastDue,
+        "2027-01-12T00:00:00Z",
+    );
     assert!(
         state
             .check(&c, "sso", 1, GRACE, at("2027-01-16T23:59:59Z"))
@@ -584,16 +540,12 @@ fn past_due_keeps_access_for_the_grace_period_then_lapses() {
         .unwrap();
     assert_eq!(api.limit, Limit::Units(5));
     // Paying restores the plan.
-    state
-        .apply(
-            &c,
-            &OrgCommand::SetStatus {
-                status: SubscriptionStatus::Active,
-            },
-            GRACE,
-            at("2027-01-18T00:00:00Z"),
-        )
-        .unwrap();
+    set_status(
+        &mut state,
+        &c,
+        SubscriptionStatus::Active,
+        "2027-01-18T00:00:00Z",
+    );
     assert!(
         state
             .check(&c, "sso", 1, GRACE, at("2027-01-18T00:00:00Z"))
@@ -1066,17 +1018,7 @@ fn stripe_payment_failures_start_the_grace_period_and_deletion_ends_access() {
 fn an_unmapped_stripe_price_keeps_the_current_plan() {
     let c = catalog();
     let mut state = org("2027-01-01T00:00:00Z");
-    state
-        .apply(
-            &c,
-            &OrgCommand::ChangePlan {
-                plan: "pro".into(),
-                timing: None,
-            },
-            GRACE,
-            at("2027-01-02T00:00:00Z"),
-        )
-        .unwrap();
+    change_plan(&mut state, &c, "pro", "2027-01-02T00:00:00Z");
     let unknown = stripe(
         "2027-01-03T00:00:00Z",
         "sub_1",

@@ -351,22 +351,10 @@ pub async fn consume(
     auth: SecretKey,
     ApiJson(request): ApiJson<UsageRequest>,
 ) -> Result<Json<UsageAnswer>, ApiError> {
-    valid_org_id(&request.org_id)?;
-    valid_amount(request.amount)?;
-    valid_idempotency_key(&request.idempotency_key)?;
-    let command = OrgCommand::Consume {
-        feature: request.feature,
-        amount: request.amount,
-    };
-    let reply = execute(
-        &state,
-        &auth.principal,
-        &request.org_id,
-        command,
-        Some(request.idempotency_key),
-    )
-    .await?;
-    usage_reply(reply)
+    usage_command(&state, &auth.principal, request, |feature, amount| {
+        OrgCommand::Consume { feature, amount }
+    })
+    .await
 }
 
 /// Gives units back (a deleted project, a refunded call): to grants first,
@@ -387,16 +375,26 @@ pub async fn release(
     auth: SecretKey,
     ApiJson(request): ApiJson<UsageRequest>,
 ) -> Result<Json<UsageAnswer>, ApiError> {
+    usage_command(&state, &auth.principal, request, |feature, amount| {
+        OrgCommand::Release { feature, amount }
+    })
+    .await
+}
+
+/// `consume` and `release`: the same checks, one idempotent org command.
+async fn usage_command(
+    state: &AppState,
+    principal: &Principal,
+    request: UsageRequest,
+    command: impl FnOnce(String, i64) -> OrgCommand,
+) -> Result<Json<UsageAnswer>, ApiError> {
     valid_org_id(&request.org_id)?;
     valid_amount(request.amount)?;
     valid_idempotency_key(&request.idempotency_key)?;
-    let command = OrgCommand::Release {
-        feature: request.feature,
-        amount: request.amount,
-    };
+    let command = command(request.feature, request.amount);
     let reply = execute(
-        &state,
-        &auth.principal,
+        state,
+        principal,
         &request.org_id,
         command,
         Some(request.idempotency_key),
