@@ -39,6 +39,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod snapshot;
 pub mod state;
+pub mod stripe_api;
 pub mod telemetry;
 
 pub use settings::Settings;
@@ -135,6 +136,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         org_writer,
         billing: Arc::new(settings.billing.clone()),
         stripe: Arc::new(settings.stripe.clone()),
+        stripe_client: stripe_api::StripeClient::from_settings(&settings.stripe),
     });
     let listener = TcpListener::bind(settings.bind)
         .await

@@ -65,6 +65,8 @@ use crate::routes;
         routes::billing::put_override,
         routes::billing::delete_override,
         routes::stripe::webhook,
+        routes::stripe::checkout,
+        routes::stripe::billing_portal,
     ),
     components(schemas(
         crate::error::ErrorEnvelope,

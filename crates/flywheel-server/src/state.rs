@@ -45,6 +45,8 @@ pub struct Shared {
     pub org_writer: OrgWriter,
     pub billing: Arc<BillingSettings>,
     pub stripe: Arc<StripeSettings>,
+    /// Stripe's API, when `stripe.api_key` is set (Checkout, billing portal).
+    pub stripe_client: Option<crate::stripe_api::StripeClient>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -22,6 +22,7 @@ flywheel_store::for_each_backend!(
     signed_subscription_events_apply_once_and_in_order,
     bad_signatures_are_refused_and_change_nothing,
     invoices_and_checkout_find_the_org_by_customer,
+    checkout_and_the_billing_portal_call_stripe,
 );
 
 const SECRET: &str = "whsec_test_flywheel";
@@ -349,4 +350,237 @@ async fn invoices_and_checkout_find_the_org_by_customer(backend: Backend) {
         "applied"
     );
     assert_eq!(sso(&app, "acme").await["allowed"], true);
+}
+
+/// What the Stripe stand-in received: path, Authorization header, form.
+type Recorded = Arc<std::sync::Mutex<Vec<(String, String, Vec<(String, String)>)>>>;
+
+/// A stand-in for Stripe's Checkout and billing-portal endpoints, which
+/// localstripe (the stateful fake used below) does not implement: it records
+/// each call and answers with the documented response shape.
+async fn stripe_stand_in() -> (String, Recorded) {
+    use axum::extract::{OriginalUri, State};
+    use axum::http::HeaderMap;
+    let recorded: Recorded = Arc::default();
+    async fn handle(
+        State(recorded): State<Recorded>,
+        OriginalUri(uri): OriginalUri,
+        headers: HeaderMap,
+        body: String,
+    ) -> (axum::http::StatusCode, axum::Json<Value>) {
+        let form: Vec<(String, String)> = serde_urlencoded::from_str(&body).unwrap();
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let path = uri.path().to_string();
+        recorded
+            .lock()
+            .unwrap()
+            .push((path.clone(), auth, form.clone()));
+        let price = form
+            .iter()
+            .find(|(k, _)| k == "line_items[0][price]")
+            .map(|(_, v)| v.as_str());
+        match (path.as_str(), price) {
+            (_, Some("price_archived")) => (
+                axum::http::StatusCode::BAD_REQUEST,
+                axum::Json(
+                    json!({"error": {"type": "invalid_request_error", "message": "The price specified is inactive."}}),
+                ),
+            ),
+            ("/v1/customers", _) => (
+                axum::http::StatusCode::OK,
+                axum::Json(json!({"id": "cus_new1", "object": "customer"})),
+            ),
+            ("/v1/checkout/sessions", _) => (
+                axum::http::StatusCode::OK,
+                axum::Json(
+                    json!({"id": "cs_test_1", "object": "checkout.session", "url": "https://checkout.stripe.com/c/pay/cs_test_1"}),
+                ),
+            ),
+            _ => (
+                axum::http::StatusCode::OK,
+                axum::Json(
+                    json!({"id": "bps_1", "object": "billing_portal.session", "url": "https://billing.stripe.com/p/session/bps_1"}),
+                ),
+            ),
+        }
+    }
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(recorded.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, recorded)
+}
+
+async fn checkout_and_the_billing_portal_call_stripe(backend: Backend) {
+    let (stripe_base, recorded) = stripe_stand_in().await;
+    let db = TestDatabase::create(backend).await;
+    let mut settings = common::test_settings(&db);
+    settings.stripe.api_key = Some("sk_test_flywheel".into());
+    settings.stripe.api_base = stripe_base;
+    let started = common::start(settings, Arc::new(flywheel_domain::clock::SystemClock)).await;
+    let secret = started.secret.clone();
+    let catalog = json!({
+        "features": [{"key": "sso", "kind": "boolean"}],
+        "plans": [
+            {"key": "free", "default": true, "features": {}},
+            {"key": "pro", "stripe_price_ids": ["price_pro_monthly"], "features": {"sso": {}}},
+            {"key": "legacy", "stripe_price_ids": ["price_archived"], "features": {"sso": {}}},
+            {"key": "enterprise", "features": {"sso": {}}}
+        ]
+    });
+    assert_eq!(
+        call(&secret, Method::PUT, "/v1/catalog", Some(catalog))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // The portal needs a customer, which only Checkout creates.
+    let portal = json!({"return_url": "https://app.example.com/settings"});
+    let (status, body) = call(
+        &secret,
+        Method::POST,
+        "/v1/orgs/acme/billing-portal",
+        Some(portal.clone()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("no_stripe_customer"))
+    );
+    let request = json!({"plan": "pro", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"});
+    let (status, session) = call(
+        &secret,
+        Method::POST,
+        "/v1/orgs/acme/checkout",
+        Some(request.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{session}");
+    assert_eq!(
+        session["url"],
+        "https://checkout.stripe.com/c/pay/cs_test_1"
+    );
+    {
+        let calls = recorded.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        let (path, auth, form) = &calls[0];
+        assert_eq!(
+            (path.as_str(), auth.as_str()),
+            ("/v1/customers", "Bearer sk_test_flywheel")
+        );
+        assert!(form.contains(&("metadata[org_id]".into(), "acme".into())));
+        let (path, _, form) = &calls[1];
+        assert_eq!(path, "/v1/checkout/sessions");
+        for expected in [
+            ("mode", "subscription"),
+            ("customer", "cus_new1"),
+            ("client_reference_id", "acme"),
+            ("line_items[0][price]", "price_pro_monthly"),
+            ("subscription_data[metadata][org_id]", "acme"),
+            ("success_url", "https://app.example.com/ok"),
+        ] {
+            assert!(
+                form.contains(&(expected.0.into(), expected.1.into())),
+                "{expected:?} in {form:?}"
+            );
+        }
+    }
+    // A second checkout reuses the linked customer.
+    call(
+        &secret,
+        Method::POST,
+        "/v1/orgs/acme/checkout",
+        Some(request),
+    )
+    .await;
+    assert_eq!(
+        recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, ..)| p == "/v1/customers")
+            .count(),
+        1
+    );
+    let (status, session) = call(
+        &secret,
+        Method::POST,
+        "/v1/orgs/acme/billing-portal",
+        Some(portal),
+    )
+    .await;
+    assert_eq!(
+        (status, session["url"].as_str()),
+        (
+            StatusCode::OK,
+            Some("https://billing.stripe.com/p/session/bps_1")
+        )
+    );
+    assert!(recorded
+        .lock()
+        .unwrap()
+        .last()
+        .unwrap()
+        .2
+        .contains(&("customer".into(), "cus_new1".into())));
+    // Refusals: Stripe's message passes through; bad input never reaches Stripe.
+    let bad = |plan: &str, url: &str| json!({"plan": plan, "success_url": url, "cancel_url": "https://app.example.com/no"});
+    for (body, status, code) in [
+        (
+            bad("legacy", "https://app.example.com/ok"),
+            StatusCode::BAD_GATEWAY,
+            "stripe_error",
+        ),
+        (
+            bad("enterprise", "https://app.example.com/ok"),
+            StatusCode::BAD_REQUEST,
+            "plan_not_purchasable",
+        ),
+        (
+            bad("gold", "https://app.example.com/ok"),
+            StatusCode::NOT_FOUND,
+            "unknown_plan",
+        ),
+        (
+            bad("pro", "/relative"),
+            StatusCode::BAD_REQUEST,
+            "invalid_url",
+        ),
+    ] {
+        let (got, answer) = call(
+            &secret,
+            Method::POST,
+            "/v1/orgs/acme/checkout",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+        if code == "stripe_error" {
+            assert!(answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("The price specified is inactive."));
+        }
+    }
+    // Only secret keys start a checkout.
+    let (status, body) = call(
+        &started.publishable,
+        Method::POST,
+        "/v1/orgs/acme/checkout",
+        Some(bad("pro", "https://x.example")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    started.server.shutdown().await.unwrap();
+    let _keep = db;
 }

@@ -505,6 +505,8 @@ pub enum OrgCommand {
     SetStatus { status: SubscriptionStatus },
     /// What a Stripe event says (Stripe is the billing truth).
     StripeSync(StripeSync),
+    /// The org's Stripe customer, created by Flywheel before Checkout.
+    LinkStripeCustomer { customer_id: String },
 }
 
 /// A Stripe event, reduced to what it means for one org.
@@ -650,6 +652,10 @@ impl OrgState {
                 Ok(CommandOutcome::Updated)
             }
             OrgCommand::StripeSync(sync) => Ok(self.stripe_sync(catalog, sync, grace, now)),
+            OrgCommand::LinkStripeCustomer { customer_id } => {
+                self.stripe_customer_id = Some(customer_id.clone());
+                Ok(CommandOutcome::Updated)
+            }
         }
     }
 

@@ -54,7 +54,7 @@ pub fn router() -> Router<AppState> {
 const MAX_ORG_ID: usize = 200;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-fn valid_org_id(org_id: &str) -> Result<(), ApiError> {
+pub(crate) fn valid_org_id(org_id: &str) -> Result<(), ApiError> {
     if org_id.is_empty() || org_id.len() > MAX_ORG_ID || org_id.chars().any(char::is_control) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -28,7 +28,10 @@ use crate::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/webhooks/stripe", post(webhook))
+    Router::new()
+        .route("/v1/webhooks/stripe", post(webhook))
+        .route("/v1/orgs/{org_id}/checkout", post(checkout))
+        .route("/v1/orgs/{org_id}/billing-portal", post(billing_portal))
 }
 
 /// What became of an event.
@@ -212,4 +215,191 @@ fn stripe_project(state: &AppState) -> Result<std::sync::Arc<ProjectConfig>, Api
             ),
         )
     })
+}
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// The plan to buy (its first `stripe_price_ids` entry is charged).
+    plan: String,
+    success_url: String,
+    cancel_url: String,
+}
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortalRequest {
+    return_url: String,
+}
+
+/// Where to send the user.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    id: String,
+    url: String,
+}
+
+fn absolute_url(field: &str, url: &str) -> Result<(), ApiError> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.len() <= 2048
+        && !url.chars().any(char::is_whitespace);
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_url",
+            format!("`{field}` must be an absolute http(s) URL"),
+        ));
+    }
+    Ok(())
+}
+
+fn stripe_client(state: &AppState) -> Result<&crate::stripe_api::StripeClient, ApiError> {
+    state.stripe_client.as_ref().ok_or_else(|| {
+        ApiError::not_found(
+            "stripe_not_configured",
+            "no Stripe API key is configured (stripe.api_key)",
+        )
+    })
+}
+
+/// The org's Stripe customer: the linked one, else a new one (tagged with
+/// the org id), linked before anything else happens.
+async fn stripe_customer(
+    state: &AppState,
+    principal: &flywheel_domain::snapshot::Principal,
+    org_id: &str,
+) -> Result<String, ApiError> {
+    let project = principal.project_id();
+    let org = state
+        .snapshot
+        .orgs
+        .load(state.store.as_ref(), project, org_id, state.clock.now())
+        .await?;
+    if let Some(customer) = &org.stripe_customer_id {
+        return Ok(customer.clone());
+    }
+    let customer = stripe_client(state)?.create_customer(org_id).await?;
+    let request = OrgRequest {
+        project,
+        org_id: org_id.to_string(),
+        command: OrgCommand::LinkStripeCustomer {
+            customer_id: customer.clone(),
+        },
+        idempotency_key: None,
+        billing: Billing {
+            catalog: principal.project.catalog.clone(),
+            grace: state.billing.grace(),
+        },
+        now: state.clock.now(),
+    };
+    match state.org_writer.execute(request).await? {
+        OrgResult::Rejected(error) => Err(error.into()),
+        _ => Ok(customer),
+    }
+}
+
+/// Self-serve upgrade: creates a Stripe Checkout Session for the plan and
+/// returns its URL. The org's Stripe customer is created (and linked) first
+/// if it has none; the session carries the org id (`client_reference_id`,
+/// subscription metadata), so the webhooks that follow find the org.
+#[utoipa::path(post, path = "/v1/orgs/{org_id}/checkout", tag = "billing",
+    security(("api_key" = [])),
+    params(("org_id" = String, Path, description = "The product's id of the org")),
+    request_body = CheckoutRequest,
+    responses(
+        (status = 200, description = "The Checkout Session", body = SessionView),
+        (status = 400, description = "`invalid_url`, `plan_not_purchasable` (no Stripe price)", body = ErrorEnvelope),
+        (status = 404, description = "`unknown_plan`, `stripe_not_configured`", body = ErrorEnvelope),
+        (status = 502, description = "`stripe_error` (Stripe's message) or `stripe_unreachable`", body = ErrorEnvelope),
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
+        (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
+    ))]
+pub async fn checkout(
+    State(state): State<AppState>,
+    auth: crate::auth::SecretKey,
+    axum::extract::Path(org_id): axum::extract::Path<String>,
+    crate::error::ApiJson(request): crate::error::ApiJson<CheckoutRequest>,
+) -> Result<Json<SessionView>, ApiError> {
+    crate::routes::billing::valid_org_id(&org_id)?;
+    absolute_url("success_url", &request.success_url)?;
+    absolute_url("cancel_url", &request.cancel_url)?;
+    let client = stripe_client(&state)?;
+    let catalog = &auth.principal.project.catalog;
+    let plan = catalog.plan(&request.plan).ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_plan",
+            format!("no plan `{}` in the catalog", request.plan),
+        )
+    })?;
+    let price = plan.stripe_price_ids.first().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "plan_not_purchasable",
+            format!("plan `{}` has no `stripe_price_ids`", plan.key),
+        )
+    })?;
+    let customer = stripe_customer(&state, &auth.principal, &org_id).await?;
+    let session = client
+        .create_checkout_session(
+            &org_id,
+            &customer,
+            price,
+            &request.success_url,
+            &request.cancel_url,
+        )
+        .await?;
+    Ok(Json(SessionView {
+        id: session.id,
+        url: session.url,
+    }))
+}
+
+/// A Stripe billing-portal session for the org's customer (update the card,
+/// see invoices, cancel), returning its URL.
+#[utoipa::path(post, path = "/v1/orgs/{org_id}/billing-portal", tag = "billing",
+    security(("api_key" = [])),
+    params(("org_id" = String, Path, description = "The product's id of the org")),
+    request_body = PortalRequest,
+    responses(
+        (status = 200, description = "The portal session", body = SessionView),
+        (status = 400, description = "`invalid_url`", body = ErrorEnvelope),
+        (status = 404, description = "`stripe_not_configured`", body = ErrorEnvelope),
+        (status = 409, description = "`no_stripe_customer`: the org has never been through Checkout", body = ErrorEnvelope),
+        (status = 502, description = "`stripe_error` (Stripe's message) or `stripe_unreachable`", body = ErrorEnvelope),
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
+        (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
+    ))]
+pub async fn billing_portal(
+    State(state): State<AppState>,
+    auth: crate::auth::SecretKey,
+    axum::extract::Path(org_id): axum::extract::Path<String>,
+    crate::error::ApiJson(request): crate::error::ApiJson<PortalRequest>,
+) -> Result<Json<SessionView>, ApiError> {
+    crate::routes::billing::valid_org_id(&org_id)?;
+    absolute_url("return_url", &request.return_url)?;
+    let client = stripe_client(&state)?;
+    let org = state
+        .snapshot
+        .orgs
+        .load(
+            state.store.as_ref(),
+            auth.principal.project_id(),
+            &org_id,
+            state.clock.now(),
+        )
+        .await?;
+    let customer = org.stripe_customer_id.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_stripe_customer",
+            "the org has no Stripe customer yet: start with Checkout",
+        )
+    })?;
+    let session = client
+        .create_portal_session(&customer, &request.return_url)
+        .await?;
+    Ok(Json(SessionView {
+        id: session.id,
+        url: session.url,
+    }))
 }
