@@ -584,3 +584,211 @@ async fn checkout_and_the_billing_portal_call_stripe(backend: Backend) {
     started.server.shutdown().await.unwrap();
     let _keep = db;
 }
+
+/// localstripe (PyPI), a stateful fake Stripe server, run as a child process
+/// and killed on drop.
+struct LocalStripe {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for LocalStripe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn localstripe() -> LocalStripe {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("localstripe")
+        .args(["--port", &port.to_string(), "--from-scratch"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("localstripe is not installed: `python3 -m pip install -r crates/flywheel/tests/clients/requirements.txt` (.ci/run does)");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if http
+            .get(format!("{base}/v1/customers"))
+            .basic_auth("sk_test_x", Some(""))
+            .send()
+            .await
+            .is_ok()
+        {
+            return LocalStripe { child, base };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("localstripe did not start on {base}");
+}
+
+async fn stripe_post(ls: &LocalStripe, path: &str, form: &[(&str, &str)]) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", ls.base))
+        .basic_auth("sk_test_x", Some(""))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    // `/_config/…` answers with an empty body.
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{path}: {body}");
+    body
+}
+
+/// The whole loop against a running fake Stripe: Flywheel creates the org's
+/// customer through Stripe's API, a subscription is created in Stripe, and
+/// Stripe's signed `customer.subscription.created` webhook moves the org to
+/// the plan its price maps to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localstripe_subscription_webhooks_move_the_org_to_its_plan() {
+    let ls = localstripe().await;
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let mut settings = common::test_settings(&db);
+    settings.stripe.api_key = Some("sk_test_x".into());
+    settings.stripe.api_base = ls.base.clone();
+    settings.stripe.webhook_secrets = vec![SECRET.into()];
+    let started = common::start(settings, Arc::new(flywheel_domain::clock::SystemClock)).await;
+    let secret = started.secret.clone();
+    let catalog = json!({
+        "features": [{"key": "sso", "kind": "boolean"}],
+        "plans": [
+            {"key": "free", "default": true, "features": {}},
+            {"key": "pro", "stripe_price_ids": ["price_pro_monthly"], "features": {"sso": {}}}
+        ]
+    });
+    assert_eq!(
+        call(&secret, Method::PUT, "/v1/catalog", Some(catalog))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let hook = format!("{}/v1/webhooks/stripe", started.server.base_url());
+    stripe_post(
+        &ls,
+        "/_config/webhooks/flywheel",
+        &[("url", &hook), ("secret", SECRET)],
+    )
+    .await;
+    stripe_post(
+        &ls,
+        "/v1/plans",
+        &[
+            ("id", "price_pro_monthly"),
+            ("amount", "2900"),
+            ("currency", "usd"),
+            ("interval", "month"),
+            ("product[name]", "Pro"),
+        ],
+    )
+    .await;
+    // Checkout: the customer is created in Stripe and linked to the org;
+    // localstripe has no Checkout Sessions, so that second call is refused.
+    let request = json!({"plan": "pro", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"});
+    let (status, body) = call(
+        &secret,
+        Method::POST,
+        "/v1/orgs/acme/checkout",
+        Some(request),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("stripe_error")),
+        "{body}"
+    );
+    let (_, view) = call(&secret, Method::GET, "/v1/orgs/acme/subscription", None).await;
+    assert_eq!(view["plan"], "free");
+    let customers = reqwest::Client::new()
+        .get(format!("{}/v1/customers", ls.base))
+        .basic_auth("sk_test_x", Some(""))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let customer = customers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["metadata"]["org_id"] == "acme")
+        .expect("Flywheel created the org's customer in Stripe")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The customer pays: a card, then a subscription (no org metadata: the
+    // webhook finds the org through the linked customer).
+    let card = stripe_post(
+        &ls,
+        "/v1/payment_methods",
+        &[
+            ("type", "card"),
+            ("card[number]", "4242424242424242"),
+            ("card[exp_month]", "12"),
+            ("card[exp_year]", "2030"),
+            ("card[cvc]", "123"),
+        ],
+    )
+    .await;
+    let card = card["id"].as_str().unwrap();
+    stripe_post(
+        &ls,
+        &format!("/v1/payment_methods/{card}/attach"),
+        &[("customer", &customer)],
+    )
+    .await;
+    stripe_post(
+        &ls,
+        &format!("/v1/customers/{customer}"),
+        &[("invoice_settings[default_payment_method]", card)],
+    )
+    .await;
+    let subscription = stripe_post(
+        &ls,
+        "/v1/subscriptions",
+        &[
+            ("customer", &customer),
+            ("items[0][plan]", "price_pro_monthly"),
+        ],
+    )
+    .await;
+    assert_eq!(subscription["status"], "active");
+    // localstripe delivers its webhooks after answering: wait (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, answer) = call(
+            &secret,
+            Method::POST,
+            "/v1/check",
+            Some(json!({"org_id": "acme", "feature": "sso"})),
+        )
+        .await;
+        if answer["allowed"] == true {
+            assert_eq!(answer["plan"], "pro");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhook did not arrive: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, view) = call(&secret, Method::GET, "/v1/orgs/acme/subscription", None).await;
+    assert_eq!(
+        view["subscription"]["stripe"]["subscription_id"],
+        subscription["id"]
+    );
+    assert_eq!(
+        view["subscription"]["stripe"]["customer_id"],
+        customer.as_str()
+    );
+    started.server.shutdown().await.unwrap();
+}
