@@ -611,21 +611,22 @@ async fn localstripe() -> LocalStripe {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("localstripe is not installed: `python3 -m pip install -r crates/flywheel/tests/clients/requirements.txt` (.ci/run does)");
-    let base = format!("http://127.0.0.1:{port}");
+    // Owned at once, so it is killed and reaped on every path.
+    let ls = LocalStripe {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
     let http = reqwest::Client::new();
     for _ in 0..200 {
-        if http
-            .get(format!("{base}/v1/customers"))
-            .basic_auth("sk_test_x", Some(""))
-            .send()
-            .await
-            .is_ok()
-        {
-            return LocalStripe { child, base };
+        let probe = http
+            .get(format!("{}/v1/customers", ls.base))
+            .basic_auth("sk_test_x", Some(""));
+        if probe.send().await.is_ok() {
+            return ls;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("localstripe did not start on {base}");
+    panic!("localstripe did not start on {}", ls.base);
 }
 
 async fn stripe_post(ls: &LocalStripe, path: &str, form: &[(&str, &str)]) -> Value {
