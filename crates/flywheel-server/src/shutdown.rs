@@ -72,7 +72,7 @@ impl Listener for DrainingListener {
 
 /// Marks responses `Connection: close` while draining.
 pub async fn close_connections_when_draining(
-    draining: CancellationToken,
+    draining: std::sync::Arc<CancellationToken>,
     request: Request,
     next: Next,
 ) -> Response {

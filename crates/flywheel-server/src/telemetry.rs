@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -65,12 +65,21 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Counts requests and times them, labelled by route template (not the raw
-/// path, which would give every id its own series).
-pub async fn track_http(request: Request, next: Next) -> Response {
+/// path, which would give every id its own series), and bounds each request
+/// by `timeout` (408 `request_timeout`).
+pub async fn track_http(timeout: std::time::Duration, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().cloned();
     let method = static_method(request.method());
-    let response = next.run(request).await;
+    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => crate::error::ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} s", timeout.as_secs()),
+        )
+        .into_response(),
+    };
     let status = response.status().as_u16();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let (requests, duration) = http_metrics(method, route, status);
