@@ -22,14 +22,49 @@ use crate::error::ApiError;
 
 /// The billing state of every org this node has seen, per project.
 /// Two levels so a lookup by `&str` allocates nothing.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OrgCache {
     projects: DashMap<ProjectId, Arc<Orgs>, RandomState>,
+    /// Orgs never written (version 0) held in the cache, and the most it
+    /// may hold: any caller with a publishable key can name new org ids, so
+    /// those answers stop being cached past the bound (each then costs a
+    /// store read), while real orgs are always cached.
+    phantoms: std::sync::atomic::AtomicUsize,
+    max_phantoms: usize,
 }
+
+impl Default for OrgCache {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_PHANTOM_ORGS)
+    }
+}
+
+/// See [`OrgCache::new`].
+pub const DEFAULT_MAX_PHANTOM_ORGS: usize = 100_000;
 
 type Orgs = DashMap<String, Arc<OrgState>, RandomState>;
 
 impl OrgCache {
+    /// A cache holding at most `max_phantoms` never-written orgs.
+    pub fn new(max_phantoms: usize) -> Self {
+        Self {
+            projects: DashMap::default(),
+            phantoms: std::sync::atomic::AtomicUsize::new(0),
+            max_phantoms,
+        }
+    }
+
+    fn phantom_count(&self, delta: isize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if delta > 0 {
+            self.phantoms.fetch_add(1, Relaxed);
+        } else {
+            let _ = self
+                .phantoms
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
     pub fn get(&self, project: ProjectId, org_id: &str) -> Option<Arc<OrgState>> {
         self.with(project, org_id, |state| state.clone())
     }
@@ -58,10 +93,17 @@ impl OrgCache {
     /// what the cache holds afterwards.
     pub fn offer(&self, project: ProjectId, state: Arc<OrgState>) -> Arc<OrgState> {
         let orgs = self.orgs_of(project);
-        let mut entry = orgs
-            .entry(state.org_id.clone())
-            .or_insert_with(|| state.clone());
-        if entry.version < state.version {
+        let mut inserted = false;
+        let mut entry = orgs.entry(state.org_id.clone()).or_insert_with(|| {
+            inserted = true;
+            state.clone()
+        });
+        if inserted && state.version == 0 {
+            self.phantom_count(1);
+        } else if entry.version < state.version {
+            if entry.version == 0 {
+                self.phantom_count(-1);
+            }
             *entry = state;
         }
         entry.clone()
@@ -71,13 +113,19 @@ impl OrgCache {
     /// read loads it.
     pub fn invalidate(&self, project: ProjectId, org_id: &str, version: i64) {
         if let Some(orgs) = self.projects.get(&project) {
-            orgs.remove_if(org_id, |_, cached| cached.version < version);
+            if let Some((_, removed)) = orgs.remove_if(org_id, |_, cached| cached.version < version)
+            {
+                if removed.version == 0 {
+                    self.phantom_count(-1);
+                }
+            }
         }
     }
 
     /// Forgets everything (after a lost change feed).
     pub fn clear(&self) {
         self.projects.clear();
+        self.phantoms.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The org's state: cached, else loaded (an org never written is fresh,
@@ -92,11 +140,16 @@ impl OrgCache {
         if let Some(state) = self.get(project, org_id) {
             return Ok(state);
         }
-        let loaded = store
-            .load_org(project, org_id)
-            .await?
-            .unwrap_or_else(|| OrgState::new(org_id, now));
-        Ok(self.offer(project, Arc::new(loaded)))
+        match store.load_org(project, org_id).await? {
+            Some(loaded) => Ok(self.offer(project, Arc::new(loaded))),
+            None => {
+                let phantom = Arc::new(OrgState::new(org_id, now));
+                if self.phantoms.load(std::sync::atomic::Ordering::Relaxed) >= self.max_phantoms {
+                    return Ok(phantom);
+                }
+                Ok(self.offer(project, phantom))
+            }
+        }
     }
 
     pub fn offer_all(&self, orgs: Vec<(ProjectId, Arc<OrgState>)>) {
@@ -239,5 +292,36 @@ mod tests {
         cache.invalidate(project, "acme", 5);
         assert!(cache.get(project, "acme").is_none());
         assert!(cache.get(ProjectId::new_v7(), "acme").is_none());
+    }
+
+    #[tokio::test]
+    async fn never_written_orgs_are_cached_only_up_to_the_bound() {
+        let store =
+            flywheel_store::testing::TestDatabase::create(flywheel_store::Backend::Sqlite).await;
+        let store = store_of(&store).await;
+        let cache = OrgCache::new(2);
+        let project = ProjectId::new_v7();
+        for org in ["a", "b", "c"] {
+            cache
+                .load(store.as_ref(), project, org, Utc::now())
+                .await
+                .unwrap();
+        }
+        assert!(cache.get(project, "a").is_some() && cache.get(project, "b").is_some());
+        assert!(
+            cache.get(project, "c").is_none(),
+            "past the bound: answered, not cached"
+        );
+        // A real state replacing a phantom frees its place.
+        cache.offer(project, state("a", 1));
+        cache
+            .load(store.as_ref(), project, "c", Utc::now())
+            .await
+            .unwrap();
+        assert!(cache.get(project, "c").is_some());
+    }
+
+    async fn store_of(db: &flywheel_store::testing::TestDatabase) -> Arc<dyn Store> {
+        db.open().await
     }
 }
