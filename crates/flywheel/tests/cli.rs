@@ -1,5 +1,6 @@
 //! The real `flywheel` binary: CLI commands, a served process, keys made by
-//! the CLI reaching a running server, and graceful shutdown on SIGTERM.
+//! the CLI reaching a running server, graceful shutdown on SIGTERM, and a
+//! hard usage limit held across two server processes on one store.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -184,6 +185,7 @@ flywheel_store::for_each_backend!(
     project_commands_are_scriptable,
     cli_keys_reach_a_running_server_without_restart,
     first_start_prints_keys_once,
+    two_processes_never_overrun_a_hard_limit,
 );
 
 async fn project_commands_are_scriptable(backend: Backend) {
@@ -698,4 +700,75 @@ async fn real_openfeature_clients_evaluate_flags() {
             "{context}"
         );
     }
+}
+
+async fn post_json(
+    client: &Client,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+) -> (reqwest::StatusCode, Value) {
+    let response = client
+        .request(method, path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (
+        response.status(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Hundreds of concurrent `consume` calls at a hard limit of 10, split over
+/// two `flywheel` processes on one store, grant exactly 10.
+async fn two_processes_never_overrun_a_hard_limit(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let first = Served::start(&db);
+    let secret = first.key_from_banner("secret key:");
+    let second = Served::start(&db);
+    let (a, b) = (
+        first.client().with_key(&secret),
+        second.client().with_key(&secret),
+    );
+    let catalog = serde_json::json!({
+        "features": [{"key": "exports", "kind": "metered"}],
+        "plans": [{"key": "free", "default": true, "features": {"exports": {"limit": 10}}}]
+    });
+    let (status, body) = post_json(&a, reqwest::Method::PUT, "/v1/catalog", catalog).await;
+    assert_eq!(status, 200, "{body}");
+    let check = serde_json::json!({"org_id": "acme", "feature": "exports"});
+    let b_sees_it = within(Duration::from_secs(5), || async {
+        post_json(&b, reqwest::Method::POST, "/v1/check", check.clone())
+            .await
+            .1["kind"]
+            == "metered"
+    })
+    .await;
+    assert!(b_sees_it, "the second process picks up the catalog");
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let client = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let body = serde_json::json!({"org_id": "acme", "feature": "exports", "amount": 1,
+                                              "idempotency_key": format!("export-{i}")});
+                let (status, answer) =
+                    post_json(&client, reqwest::Method::POST, "/v1/consume", body).await;
+                assert_eq!(status, 200, "{answer}");
+                answer["allowed"].as_bool().unwrap()
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        if task.await.unwrap() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 10, "exactly the hard limit, across processes");
+    // What is stored, through a third process with an empty cache.
+    let third = Served::start(&db);
+    let c = third.client().with_key(&secret);
+    let (_, answer) = post_json(&c, reqwest::Method::POST, "/v1/check", check).await;
+    assert_eq!(answer["used"], 10);
 }
