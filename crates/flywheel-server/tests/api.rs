@@ -479,13 +479,17 @@ async fn draining_closes_kept_alive_connections_and_refuses_new_ones(backend: Ba
                 .await
                 .expect("answered while draining");
             assert_eq!(response.status(), StatusCode::OK);
-            if response
+            let closing = response
                 .headers()
                 .get("connection")
-                .is_some_and(|v| v == "close")
-            {
+                .is_some_and(|v| v == "close");
+            if closing {
                 return;
             }
+            // Until the drain flag is seen, read each body so the kept-alive
+            // connection goes back to the pool and is reused (a new one would
+            // race the closing listener).
+            response.bytes().await.unwrap();
         }
     })
     .await;
