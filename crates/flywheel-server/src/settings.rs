@@ -183,7 +183,8 @@ pub struct BillingSettings {
 impl Default for BillingSettings {
     fn default() -> Self {
         Self {
-            past_due_grace_days: 7,
+            past_due_grace_days: flywheel_domain::billing::org::DEFAULT_PAST_DUE_GRACE.num_days()
+                as u32,
             write_batch_max: 512,
         }
     }
@@ -220,7 +221,8 @@ impl Default for StripeSettings {
             api_key: None,
             api_base: "https://api.stripe.com".into(),
             project: "default".into(),
-            tolerance_secs: 300,
+            tolerance_secs: flywheel_domain::billing::stripe::DEFAULT_TOLERANCE.num_seconds()
+                as u32,
         }
     }
 }

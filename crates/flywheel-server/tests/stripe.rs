@@ -243,7 +243,6 @@ async fn bad_signatures_are_refused_and_change_nothing(backend: Backend) {
         .as_str()
         .unwrap()
         .contains("timestamp_outside_tolerance"));
-    // Within it.
     // No header at all.
     let response = app
         .client
@@ -270,6 +269,13 @@ async fn bad_signatures_are_refused_and_change_nothing(backend: Backend) {
     assert_eq!(
         (status, answer["outcome"].as_str()),
         (StatusCode::OK, Some("applied"))
+    );
+    // Over the body limit: 413 in the error envelope.
+    let huge = vec![b' '; 128 * 1024];
+    let (status, answer) = deliver_raw(&app, huge.clone(), sign(&huge, SECRET, now)).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
     );
     // A server without secrets refuses webhooks outright.
     let bare = spawn(backend, Vec::new()).await;

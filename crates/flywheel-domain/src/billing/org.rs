@@ -165,18 +165,6 @@ pub enum Reason {
     UnknownFeature,
 }
 
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::NotInPlan => "not_in_plan",
-            Reason::LimitReached => "limit_reached",
-            Reason::SoftLimitExceeded => "soft_limit_exceeded",
-            Reason::NoActiveSubscription => "no_active_subscription",
-            Reason::UnknownFeature => "unknown_feature",
-        }
-    }
-}
-
 /// The answer to "may this org use this feature now?". Borrows from the
 /// catalog, so a check allocates nothing.
 #[derive(Debug, Clone, Copy, PartialEq)]

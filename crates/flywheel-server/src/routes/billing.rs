@@ -295,7 +295,7 @@ pub struct UsageRequest {
 }
 
 /// Submits one org command and maps its result.
-async fn execute(
+pub(crate) async fn execute(
     state: &AppState,
     principal: &Principal,
     org_id: &str,

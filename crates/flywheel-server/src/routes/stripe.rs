@@ -68,8 +68,23 @@ fn ack(outcome: &'static str, org_id: Option<String>) -> Json<WebhookAck> {
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<WebhookAck>, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                rejection.body_text(),
+            )
+        }
+    })?;
     let settings = &state.stripe;
     if settings.webhook_secrets.is_empty() {
         return Err(ApiError::not_found(
@@ -279,23 +294,11 @@ async fn stripe_customer(
         return Ok(customer.clone());
     }
     let customer = stripe_client(state)?.create_customer(org_id).await?;
-    let request = OrgRequest {
-        project,
-        org_id: org_id.to_string(),
-        command: OrgCommand::LinkStripeCustomer {
-            customer_id: customer.clone(),
-        },
-        idempotency_key: None,
-        billing: Billing {
-            catalog: principal.project.catalog.clone(),
-            grace: state.billing.grace(),
-        },
-        now: state.clock.now(),
+    let link = OrgCommand::LinkStripeCustomer {
+        customer_id: customer.clone(),
     };
-    match state.org_writer.execute(request).await? {
-        OrgResult::Rejected(error) => Err(error.into()),
-        _ => Ok(customer),
-    }
+    crate::routes::billing::execute(state, principal, org_id, link, None).await?;
+    Ok(customer)
 }
 
 /// Self-serve upgrade: creates a Stripe Checkout Session for the plan and
