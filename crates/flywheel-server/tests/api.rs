@@ -458,38 +458,28 @@ async fn draining_closes_kept_alive_connections_and_refuses_new_ones(backend: Ba
         .await
         .unwrap();
     let address = server.local_addr();
-    let http = reqwest::Client::new();
-    let url = format!("{}/healthz", server.base_url());
-    let first = http.get(&url).send().await.unwrap();
+    // One explicit kept-alive connection (a pooled client may open a new one
+    // whenever the old one is not back in its pool yet, racing the closing
+    // listener).
+    let mut connection =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(address).await.unwrap());
+    let first = get_on(&mut connection, "/healthz").await;
     assert!(
-        first.headers().get("connection").is_none(),
-        "keep-alive before shutdown"
+        !first.contains("connection: close"),
+        "keep-alive before shutdown: {first}"
     );
-    // Reading the body hands the connection back to the pool, so the requests
-    // below reuse it; otherwise the client races the closing listener with a
-    // new connection.
-    first.bytes().await.unwrap();
 
     server.shutdown_token().cancel();
     let closed = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
-            let response = http
-                .get(&url)
-                .send()
-                .await
-                .expect("answered while draining");
-            assert_eq!(response.status(), StatusCode::OK);
-            let closing = response
-                .headers()
-                .get("connection")
-                .is_some_and(|v| v == "close");
-            if closing {
+            let head = get_on(&mut connection, "/healthz").await;
+            assert!(
+                head.starts_with("http/1.1 200"),
+                "answered while draining: {head}"
+            );
+            if head.contains("connection: close") {
                 return;
             }
-            // Until the drain flag is seen, read each body so the kept-alive
-            // connection goes back to the pool and is reused (a new one would
-            // race the closing listener).
-            response.bytes().await.unwrap();
         }
     })
     .await;
@@ -508,4 +498,37 @@ async fn draining_closes_kept_alive_connections_and_refuses_new_ones(backend: Ba
         "new connections are refused while draining"
     );
     server.wait().await.unwrap();
+}
+
+/// Sends `GET path` on a kept-alive HTTP/1.1 connection and returns the
+/// response head, lower-cased (the body is read and dropped).
+async fn get_on(
+    connection: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    path: &str,
+) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    connection
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .unwrap();
+    let mut head = String::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        let read = connection.read_line(&mut line).await.unwrap();
+        assert!(read > 0, "the connection closed before a response");
+        let line = line.to_ascii_lowercase();
+        if let Some(value) = line.strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0; length];
+    connection.read_exact(&mut body).await.unwrap();
+    head
 }
