@@ -9,6 +9,7 @@ pub mod clock;
 pub mod error;
 pub mod events;
 pub mod flags;
+pub mod growth;
 pub mod keys;
 pub mod privacy;
 pub mod project;

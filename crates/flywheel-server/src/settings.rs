@@ -35,6 +35,9 @@ pub struct Settings {
     pub flags: FlagSettings,
     pub billing: BillingSettings,
     pub stripe: StripeSettings,
+    pub growth: GrowthSettings,
+    pub webhooks: WebhookSettings,
+    pub smtp: SmtpSettings,
 }
 
 impl Default for Settings {
@@ -51,6 +54,9 @@ impl Default for Settings {
             flags: FlagSettings::default(),
             billing: BillingSettings::default(),
             stripe: StripeSettings::default(),
+            growth: GrowthSettings::default(),
+            webhooks: WebhookSettings::default(),
+            smtp: SmtpSettings::default(),
         }
     }
 }
@@ -223,6 +229,113 @@ impl Default for StripeSettings {
             project: "default".into(),
             tolerance_secs: flywheel_domain::billing::stripe::DEFAULT_TOLERANCE.num_seconds()
                 as u32,
+        }
+    }
+}
+
+/// Provisioning, invitations, share links and referrals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrowthSettings {
+    /// Days an invitation stays valid unless the request says otherwise (1-30).
+    pub invitation_expiry_days: i64,
+    /// Invitations one org may create per rolling hour.
+    pub invitations_per_org_per_hour: i64,
+    /// Pending (unexpired) invitations one inviter may have.
+    pub pending_invitations_per_inviter: i64,
+    /// Times one invitation may be resent.
+    pub resends_per_invitation: i64,
+    /// Days after a referral click in which a signup is attributed to it.
+    pub referral_window_days: i64,
+    /// `last_click` or `first_click`.
+    pub referral_click_model: flywheel_domain::growth::model::ClickModel,
+    /// The metered catalog feature that memberships count against.
+    pub seats_feature: String,
+    /// The product's page that accepts an invitation; `{token}` is replaced
+    /// by the token. Shown in emails and returned when no SMTP is set.
+    pub accept_url: String,
+    /// The product's page that opens a share link (`{token}` as above).
+    pub share_url: String,
+    /// Lifetime of a guest token from resolving a share link, in seconds.
+    pub guest_token_ttl_secs: i64,
+    /// Share-link resolves one client IP may make per minute.
+    pub share_resolves_per_minute_per_ip: u32,
+}
+
+impl Default for GrowthSettings {
+    fn default() -> Self {
+        let policy = flywheel_domain::growth::model::InvitationPolicy::default();
+        Self {
+            invitation_expiry_days: policy.expiry_days,
+            invitations_per_org_per_hour: policy.per_org_per_hour,
+            pending_invitations_per_inviter: policy.pending_per_inviter,
+            resends_per_invitation: policy.resends_per_invitation,
+            referral_window_days: flywheel_domain::growth::model::DEFAULT_REFERRAL_WINDOW_DAYS,
+            referral_click_model: flywheel_domain::growth::model::ClickModel::LastClick,
+            seats_feature: "seats".into(),
+            accept_url: "http://localhost:3000/invitations/accept?token={token}".into(),
+            share_url: "http://localhost:3000/shared?token={token}".into(),
+            guest_token_ttl_secs: 3600,
+            share_resolves_per_minute_per_ip: 60,
+        }
+    }
+}
+
+impl GrowthSettings {
+    pub fn invitation_policy(&self) -> flywheel_domain::growth::model::InvitationPolicy {
+        flywheel_domain::growth::model::InvitationPolicy {
+            expiry_days: self.invitation_expiry_days,
+            per_org_per_hour: self.invitations_per_org_per_hour,
+            pending_per_inviter: self.pending_invitations_per_inviter,
+            resends_per_invitation: self.resends_per_invitation,
+        }
+    }
+}
+
+/// Outbound webhooks (Standard Webhooks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// How often the dispatcher looks for due deliveries when nothing woke it.
+    pub poll_interval_ms: u64,
+    /// Timeout of one delivery attempt.
+    pub request_timeout_secs: u64,
+    /// An endpoint whose every attempt has failed for this long is disabled.
+    pub disable_after_hours: i64,
+    /// Deliveries sent at once.
+    pub concurrency: usize,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 1000,
+            request_timeout_secs: 10,
+            disable_after_hours: 5 * 24,
+            concurrency: 16,
+        }
+    }
+}
+
+/// Email over SMTP. Without `url`, no email is sent: invitation replies carry
+/// the accept URL for the product to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSettings {
+    /// `smtp://host:port` (plain, or STARTTLS when offered),
+    /// `smtps://user:pass@host:465` (TLS). Best given as `FLYWHEEL_SMTP__URL`.
+    pub url: Option<String>,
+    /// The From header.
+    pub from: String,
+    pub poll_interval_ms: u64,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            from: "Flywheel <no-reply@localhost>".into(),
+            poll_interval_ms: 1000,
         }
     }
 }

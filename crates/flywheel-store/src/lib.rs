@@ -28,6 +28,9 @@ use flywheel_domain::schemas::EventSchema;
 use flywheel_domain::snapshot::ProjectConfig;
 use flywheel_domain::DomainError;
 
+#[macro_use]
+mod growth_sql;
+pub mod growth;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(feature = "testing")]
@@ -258,7 +261,7 @@ pub struct StoredEvent {
 /// The storage interface every backend implements; the store test-suite in
 /// `tests/store_suite.rs` runs against each.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait Store: growth::GrowthStore + Send + Sync + std::fmt::Debug {
     fn backend(&self) -> Backend;
 
     /// Reachable, and every migration this binary knows is applied.

@@ -1496,3 +1496,80 @@ async fn apply_meters(
     }
     Ok(saved)
 }
+
+// The growth graph: the shared implementation (`growth_sql.rs`) and what it
+// needs from this backend.
+
+impl PgStore {
+    const BACKEND: Backend = Backend::Postgres;
+
+    async fn g_begin(&self) -> Result<sqlx::Transaction<'_, Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    fn g_reader(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn g_project(project: ProjectId) -> Uuid {
+    project.0
+}
+
+fn g_time(at: DateTime<Utc>) -> DateTime<Utc> {
+    at
+}
+
+fn g_opt_time(at: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    at
+}
+
+fn g_json(value: &serde_json::Value) -> sqlx::types::Json<serde_json::Value> {
+    sqlx::types::Json(value.clone())
+}
+
+fn g_read_time(row: &PgRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
+    Ok(row.try_get(column)?)
+}
+
+fn g_read_opt_time(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(row.try_get(column)?)
+}
+
+fn g_read_json(row: &PgRow, column: &str) -> Result<serde_json::Value, StoreError> {
+    Ok(row.try_get(column)?)
+}
+
+fn g_read_project(row: &PgRow, column: &str) -> Result<ProjectId, StoreError> {
+    Ok(ProjectId(row.try_get(column)?))
+}
+
+/// The org's billing state, its row created (anchored at `now`) if missing
+/// and locked until the transaction ends.
+async fn g_load_org(
+    conn: &mut PgConnection,
+    project: ProjectId,
+    org_id: &str,
+    now: DateTime<Utc>,
+) -> Result<OrgState, StoreError> {
+    let mut states = load_orgs_in(conn, project.0, &[org_id.to_owned()], now, true).await?;
+    states.remove(org_id).ok_or(StoreError::NotFound)
+}
+
+async fn g_save_org(
+    conn: &mut PgConnection,
+    project: ProjectId,
+    before: &OrgState,
+    after: OrgState,
+) -> Result<OrgState, StoreError> {
+    Ok(save_org_in(conn, project.0, before, after)
+        .await?
+        .unwrap_or_else(|| before.clone()))
+}
+
+growth_store_impl!(
+    PgStore,
+    Postgres,
+    lock = " FOR UPDATE",
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+);

@@ -1590,3 +1590,90 @@ async fn apply_meters(
         .filter(|state| state.version != before[&state.org_id].version)
         .collect())
 }
+
+// The growth graph: the shared implementation (`growth_sql.rs`) and what it
+// needs from this backend.
+
+impl SqliteStore {
+    const BACKEND: Backend = Backend::Sqlite;
+
+    async fn g_begin(&self) -> Result<sqlx::Transaction<'_, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    fn g_reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+}
+
+fn g_project(project: ProjectId) -> String {
+    project.0.to_string()
+}
+
+fn g_time(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn g_opt_time(at: Option<DateTime<Utc>>) -> Option<i64> {
+    at.map(|at| at.timestamp_micros())
+}
+
+fn g_json(value: &serde_json::Value) -> String {
+    value.to_string()
+}
+
+fn g_read_time(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
+    micros_to_time(row.try_get(column)?)
+}
+
+fn g_read_opt_time(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    row.try_get::<Option<i64>, _>(column)?
+        .map(micros_to_time)
+        .transpose()
+}
+
+fn g_read_json(row: &SqliteRow, column: &str) -> Result<serde_json::Value, StoreError> {
+    from_json_text(&row.try_get::<String, _>(column)?)
+}
+
+fn g_read_project(row: &SqliteRow, column: &str) -> Result<ProjectId, StoreError> {
+    Ok(ProjectId(uuid_column(row, column)?))
+}
+
+/// The org's billing state, its row created (anchored at `now`) if missing.
+/// The writer transaction already holds SQLite's lock.
+async fn g_load_org(
+    conn: &mut SqliteConnection,
+    project: ProjectId,
+    org_id: &str,
+    now: DateTime<Utc>,
+) -> Result<OrgState, StoreError> {
+    let id = project.0.to_string();
+    sqlx::query(
+        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
+         VALUES (?, ?, ?, NULL, '{}', 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(&id)
+    .bind(org_id)
+    .bind(now.timestamp_micros())
+    .execute(&mut *conn)
+    .await?;
+    let mut states = load_orgs_in(conn, &id, &[(org_id.to_owned(), now)]).await?;
+    states
+        .remove(org_id)
+        .ok_or_else(|| StoreError::internal(UnknownValue(org_id.to_owned())))
+}
+
+async fn g_save_org(
+    conn: &mut SqliteConnection,
+    project: ProjectId,
+    before: &OrgState,
+    after: OrgState,
+) -> Result<OrgState, StoreError> {
+    let mut saved = save_orgs_in(conn, &project.0.to_string(), vec![(before, after)]).await?;
+    saved
+        .pop()
+        .ok_or_else(|| StoreError::internal(UnknownValue(before.org_id.clone())))
+}
+
+growth_store_impl!(SqliteStore, Sqlite, lock = "", skip_locked = "");
