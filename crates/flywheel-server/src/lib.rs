@@ -31,8 +31,10 @@ use tower_http::trace::TraceLayer;
 pub mod auth;
 pub mod billing;
 pub mod error;
+pub mod growth;
 pub mod ingest;
 pub mod openapi;
+pub mod outbound;
 pub mod projects;
 pub mod routes;
 pub mod settings;
@@ -122,6 +124,25 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         settings.billing.write_batch_max,
         background.clone(),
     );
+    growth::check_settings(&settings.growth)?;
+    let growth_keys = growth::GrowthKeys::load(store.as_ref())
+        .await
+        .context("cannot load the installation's growth keys")?;
+    let outbox_signal = Arc::new(outbound::OutboxSignal::default());
+    let webhooks_task = tokio::spawn(outbound::run_webhooks(
+        store.clone(),
+        clock.clone(),
+        settings.webhooks.clone(),
+        outbox_signal.clone(),
+        background.clone(),
+    ));
+    let emails_task = tokio::spawn(outbound::run_emails(
+        store.clone(),
+        clock.clone(),
+        settings.smtp.clone(),
+        outbox_signal.clone(),
+        background.clone(),
+    ));
     let state = AppState::new(state::Shared {
         store,
         snapshot: snapshot.clone(),
@@ -137,6 +158,13 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         billing: Arc::new(settings.billing.clone()),
         stripe: Arc::new(settings.stripe.clone()),
         stripe_client: stripe_api::StripeClient::from_settings(&settings.stripe),
+        growth: Arc::new(settings.growth.clone()),
+        growth_keys,
+        smtp_enabled: settings.smtp.url.is_some(),
+        outbox_signal,
+        share_resolve_limiter: growth::IpLimiter::new(
+            settings.growth.share_resolves_per_minute_per_ip,
+        ),
     });
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -173,7 +201,11 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
                 tokio::time::sleep(drain).await;
             }
         };
-        let serve = axum::serve(listener, app).with_graceful_shutdown(drained);
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<routes::growth::PeerAddr>(),
+        )
+        .with_graceful_shutdown(drained);
         let outcome = tokio::select! {
             served = serve => served.context("the HTTP server failed"),
             _ = async { token.cancelled().await; tokio::time::sleep(drain + grace).await } => {
@@ -191,6 +223,14 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         }
         if let Err(error) = org_writer_task.await {
             tracing::warn!(error = %error, "the org writer ended abnormally");
+        }
+        for (name, task) in [
+            ("webhook sender", webhooks_task),
+            ("email sender", emails_task),
+        ] {
+            if let Err(error) = task.await {
+                tracing::warn!(error = %error, "the {name} ended abnormally");
+            }
         }
         tracing::info!("shutdown complete");
         outcome

@@ -168,8 +168,8 @@ async fn deliver(
         },
         Err((code, error)) => {
             let failing_since = delivery.failing_since.unwrap_or(at);
-            let disable = at - failing_since
-                >= chrono::Duration::hours(settings.disable_after_hours.max(1));
+            let disable =
+                at - failing_since >= chrono::Duration::hours(settings.disable_after_hours.max(1));
             metrics::counter!("flywheel_webhook_failures_total").increment(1);
             if disable {
                 tracing::warn!(endpoint = %delivery.endpoint_id, since = %failing_since, "disabling a webhook endpoint that has failed for too long");
@@ -181,11 +181,7 @@ async fn deliver(
                 at,
                 status_code: code,
                 error: Some(error),
-                retry: Some(next_retry(
-                    WEBHOOK_RETRY_DELAYS_SECS,
-                    delivery.attempts,
-                    at,
-                )),
+                retry: Some(next_retry(WEBHOOK_RETRY_DELAYS_SECS, delivery.attempts, at)),
                 disable_endpoint: disable.then(|| {
                     format!(
                         "every delivery failed for {} hours",
@@ -215,14 +211,13 @@ pub async fn run_emails(
     let Some(url) = settings.url.clone() else {
         return;
     };
-    let transport =
-        match lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(&url) {
-            Ok(builder) => builder.build(),
-            Err(error) => {
-                tracing::error!(%error, "smtp.url is not a valid SMTP URL; email is not sent");
-                return;
-            }
-        };
+    let transport = match lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(&url) {
+        Ok(builder) => builder.build(),
+        Err(error) => {
+            tracing::error!(%error, "smtp.url is not a valid SMTP URL; email is not sent");
+            return;
+        }
+    };
     let from: lettre::message::Mailbox = match settings.from.parse() {
         Ok(from) => from,
         Err(error) => {
@@ -319,7 +314,10 @@ mod tests {
         assert_eq!(next_retry(WEBHOOK_RETRY_DELAYS_SECS, 11, now), None);
         let total: i64 = WEBHOOK_RETRY_DELAYS_SECS.iter().sum();
         assert!(
-            (chrono::Duration::days(3) - chrono::Duration::seconds(total)).num_hours().abs() < 6,
+            (chrono::Duration::days(3) - chrono::Duration::seconds(total))
+                .num_hours()
+                .abs()
+                < 6,
             "retries span about 3 days, not {total} s"
         );
         assert_eq!(next_retry(EMAIL_RETRY_DELAYS_SECS, -1, now), None);
@@ -338,7 +336,8 @@ mod tests {
             html_body: Some("<p>html</p>".into()),
             attempts: 0,
         };
-        let formatted = String::from_utf8(build_message(&from, &email).unwrap().formatted()).unwrap();
+        let formatted =
+            String::from_utf8(build_message(&from, &email).unwrap().formatted()).unwrap();
         assert!(formatted.contains("multipart/alternative"));
         assert!(formatted.contains("Subject: Join us"));
         email.recipient = "not an address".into();

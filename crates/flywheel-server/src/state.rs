@@ -7,8 +7,10 @@ use flywheel_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::billing::OrgWriter;
+use crate::growth::{GrowthKeys, IpLimiter};
 use crate::ingest::{Committer, RateLimiter};
-use crate::settings::{BillingSettings, IngestSettings, StripeSettings};
+use crate::outbound::OutboxSignal;
+use crate::settings::{BillingSettings, GrowthSettings, IngestSettings, StripeSettings};
 use crate::snapshot::SnapshotCache;
 
 /// What every handler can reach, behind one `Arc`: axum clones the state for
@@ -47,6 +49,13 @@ pub struct Shared {
     pub stripe: Arc<StripeSettings>,
     /// Stripe's API, when `stripe.api_key` is set (Checkout, billing portal).
     pub stripe_client: Option<crate::stripe_api::StripeClient>,
+    pub growth: Arc<GrowthSettings>,
+    pub growth_keys: GrowthKeys,
+    /// Whether `smtp.url` is set (emails are queued only then).
+    pub smtp_enabled: bool,
+    /// Wakes the webhook and email senders after an outbox write.
+    pub outbox_signal: Arc<OutboxSignal>,
+    pub share_resolve_limiter: IpLimiter,
 }
 
 impl std::fmt::Debug for AppState {

@@ -23,6 +23,7 @@ use crate::Billing;
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserRecord {
     pub user_id: String,
     pub email: String,
@@ -36,6 +37,7 @@ pub struct UserRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MembershipRecord {
     pub org_id: String,
     pub user_id: String,
@@ -47,6 +49,7 @@ pub struct MembershipRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OrgProfile {
     pub org_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +133,7 @@ pub struct SignupRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SignupReply {
     pub user: UserRecord,
     pub org: OrgProfile,
@@ -243,6 +247,7 @@ pub struct ReferralEventQuery {
 
 /// A webhook endpoint of a project.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookEndpoint {
     pub id: String,
     pub url: String,
@@ -302,6 +307,7 @@ pub struct DeliveryAttempt {
 
 /// A delivery as listed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeliveryRecord {
     pub id: String,
     pub message_id: String,
@@ -343,6 +349,7 @@ pub struct ClaimedEmail {
 
 /// An email as listed (bodies are not shown: they may hold a token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EmailRecord {
     pub id: String,
     pub kind: String,
@@ -359,6 +366,7 @@ pub struct EmailRecord {
 
 /// A project's template for one kind of email.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EmailTemplate {
     pub kind: String,
     pub subject: String,
@@ -485,6 +493,7 @@ pub trait GrowthStore: Send + Sync {
         link: &ShareLink,
         token_hash: &str,
         password_hash: Option<&str>,
+        notifications: &[RenderedEmail],
     ) -> Result<(), crate::StoreError>;
     async fn list_share_links(
         &self,

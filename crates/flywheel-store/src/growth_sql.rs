@@ -1638,6 +1638,7 @@ macro_rules! growth_store_impl {
                     link: &ShareLink,
                     token_hash: &str,
                     password_hash: Option<&str>,
+                    notifications: &[RenderedEmail],
                 ) -> Result<(), StoreError> {
                     let mut tx = self.g_begin().await?;
                     sqlx::query(
@@ -1671,6 +1672,9 @@ macro_rules! growth_store_impl {
                         signup_user_id: None,
                         org_id: link.org_id.clone(),
                     }, link.created_at).await?;
+                    for email in notifications {
+                        queue_email(&mut tx, project, email, link.created_at).await?;
+                    }
                     enqueue(&mut tx, project, &[OutboxMessage {
                         event_type: "share_link.created".into(),
                         data: serde_json::to_value(link).map_err(StoreError::internal)?,

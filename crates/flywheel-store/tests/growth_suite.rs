@@ -190,11 +190,7 @@ async fn signup_creates_user_org_membership_and_outbox_in_one_transaction(backen
     let org = &commit.orgs[0];
     assert_eq!(org.created_at, at(10));
     assert_eq!(org.usage["seats"].plan_used, 1);
-    let loaded = store
-        .load_org(p, "org-alice")
-        .await
-        .unwrap()
-        .unwrap();
+    let loaded = store.load_org(p, "org-alice").await.unwrap().unwrap();
     assert_eq!(loaded.created_at, at(10));
     let deliveries = store
         .list_deliveries(
@@ -331,11 +327,7 @@ async fn invitations_are_single_use_and_concurrent_accepts_have_one_winner(backe
     );
     let (_, members) = store.org_members(p, "org-alice").await.unwrap();
     assert_eq!(members.len(), 2);
-    let org = store
-        .load_org(p, "org-alice")
-        .await
-        .unwrap()
-        .unwrap();
+    let org = store.load_org(p, "org-alice").await.unwrap().unwrap();
     assert_eq!(
         org.usage["seats"].plan_used, 2,
         "one seat per member, never two for one accept"
@@ -567,7 +559,7 @@ async fn share_access_counts_unique_guests_and_signups_attribute_the_share(backe
         last_access_at: None,
     };
     store
-        .create_share_link(p, &link, "share-hash", Some("$argon2id$x"))
+        .create_share_link(p, &link, "share-hash", Some("$argon2id$x"), &[])
         .await
         .unwrap();
     let found = store

@@ -69,7 +69,11 @@ pub fn identity_of_email(normalized: &str) -> String {
     match domain {
         "gmail.com" | "googlemail.com" => {
             let undotted = local.replace('.', "");
-            let local = if undotted.is_empty() { local } else { &undotted };
+            let local = if undotted.is_empty() {
+                local
+            } else {
+                &undotted
+            };
             format!("{local}@gmail.com")
         }
         _ => format!("{local}@{domain}"),

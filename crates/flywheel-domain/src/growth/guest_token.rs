@@ -137,7 +137,10 @@ mod tests {
         let expired = error_of(b"key", &token, 200);
         assert_eq!(expired.code, "guest_token_expired");
         assert_eq!(expired.kind, ErrorKind::Unauthorized);
-        assert_eq!(error_of(b"key", &token, i64::MAX).code, "guest_token_expired");
+        assert_eq!(
+            error_of(b"key", &token, i64::MAX).code,
+            "guest_token_expired"
+        );
     }
 
     #[test]
@@ -156,7 +159,10 @@ mod tests {
         assert_eq!(error_of(b"key", &spliced, 150).code, "invalid_guest_token");
 
         // Expiry is no loophole: an expired forgery is still just invalid.
-        assert_eq!(error_of(b"key", &spliced, 10_000).code, "invalid_guest_token");
+        assert_eq!(
+            error_of(b"key", &spliced, 10_000).code,
+            "invalid_guest_token"
+        );
     }
 
     #[test]

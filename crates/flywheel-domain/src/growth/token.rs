@@ -189,12 +189,30 @@ mod tests {
             TokenKind::Invitation,
             &format!("fwshr_{random}")
         ));
-        assert!(!plausible_token(TokenKind::ShareLink, &format!("fwshr_{}", "A".repeat(42))));
-        assert!(!plausible_token(TokenKind::ShareLink, &format!("fwshr_{}", "A".repeat(44))));
-        assert!(!plausible_token(TokenKind::ShareLink, &format!("fwshr_{}=", "A".repeat(42))));
-        assert!(!plausible_token(TokenKind::ShareLink, &format!("fwshr_{}+", "A".repeat(42))));
-        assert!(!plausible_token(TokenKind::ShareLink, &format!(" fwshr_{random}")));
-        assert!(!plausible_token(TokenKind::ShareLink, &format!("fwshr_{}é", "A".repeat(41))));
+        assert!(!plausible_token(
+            TokenKind::ShareLink,
+            &format!("fwshr_{}", "A".repeat(42))
+        ));
+        assert!(!plausible_token(
+            TokenKind::ShareLink,
+            &format!("fwshr_{}", "A".repeat(44))
+        ));
+        assert!(!plausible_token(
+            TokenKind::ShareLink,
+            &format!("fwshr_{}=", "A".repeat(42))
+        ));
+        assert!(!plausible_token(
+            TokenKind::ShareLink,
+            &format!("fwshr_{}+", "A".repeat(42))
+        ));
+        assert!(!plausible_token(
+            TokenKind::ShareLink,
+            &format!(" fwshr_{random}")
+        ));
+        assert!(!plausible_token(
+            TokenKind::ShareLink,
+            &format!("fwshr_{}é", "A".repeat(41))
+        ));
         assert!(!plausible_token(TokenKind::ShareLink, "fwshr_"));
         assert!(!plausible_token(TokenKind::ShareLink, ""));
     }

@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(check("msg_1", "1000", &good, b"{}"), mismatch);
         // The bare signature without its version, or truncated.
         assert_eq!(check("msg_1", "1000", &good[3..], body), mismatch);
-        assert_eq!(check("msg_1", "1000", &good[..good.len() - 4], body), mismatch);
+        assert_eq!(
+            check("msg_1", "1000", &good[..good.len() - 4], body),
+            mismatch
+        );
         assert_eq!(check("msg_1", "1000", "", body), mismatch);
         assert_eq!(check("msg_1", "1000", "v1,", body), mismatch);
     }
@@ -281,7 +284,11 @@ mod tests {
         for bad_len in [0, 23, 65] {
             assert_eq!(of_len(bad_len).unwrap_err().code, "invalid_webhook_secret");
         }
-        for junk in ["whsec_!!!", "whsec_", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS"] {
+        for junk in [
+            "whsec_!!!",
+            "whsec_",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS",
+        ] {
             assert_eq!(
                 WebhookSecret::parse(junk).unwrap_err().code,
                 "invalid_webhook_secret"

@@ -10,12 +10,14 @@ use crate::state::AppState;
 pub mod billing;
 pub mod events;
 pub mod flags;
+pub mod growth;
 pub mod health;
 pub mod keys;
 pub mod ofrep;
 pub mod privacy;
 pub mod project;
 pub mod stripe;
+pub mod webhooks;
 
 /// Every route of the API.
 pub fn router() -> Router<AppState> {
@@ -29,6 +31,8 @@ pub fn router() -> Router<AppState> {
         .merge(ofrep::router())
         .merge(billing::router())
         .merge(stripe::router())
+        .merge(growth::router())
+        .merge(webhooks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }
