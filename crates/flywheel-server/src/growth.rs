@@ -233,7 +233,7 @@ mod tests {
         let mut template = effective_template("share", &[]).unwrap();
         template.text_body = "{{ unclosed".into();
         let error = render(&template, "b@x.io", &serde_json::json!({})).unwrap_err();
-        assert_eq!(error.code(), "invalid_email_template");
+        assert_eq!(error.code, "invalid_email_template");
         assert!(effective_template("nope", &[]).is_none());
     }
 

@@ -496,6 +496,7 @@ async fn webhooks_arrive_signed_and_verify_with_the_reference_library(backend: B
         emails = call(s, Method::GET, "/v1/emails", None).await.1;
     }
     let _ = smtp.kill();
+    let _ = smtp.wait();
 
     // Webhooks: user.signed_up, org.provisioned, membership.created,
     // invitation.created; the first attempt got a 500 and was retried (5 s).

@@ -1170,7 +1170,8 @@ macro_rules! growth_store_impl {
                         format!("the invitation is {}", invitation.status_at(now).as_str()),
                     ));
                 }
-                if invitation.sends - 1 >= request.policy.resends_per_invitation {
+                // `sends` counts the first send too.
+                if invitation.sends > request.policy.resends_per_invitation {
                     return rules(flywheel_domain::growth::model::rate_limited(
                         "resend_limit_reached",
                         format!(
