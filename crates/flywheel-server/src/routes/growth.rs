@@ -205,6 +205,7 @@ pub struct SignupBody {
     security(("api_key" = [])),
     request_body = SignupBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Signed up (or the first reply of this key)", body = SignupReply),
         (status = 400, description = "Invalid field", body = ErrorEnvelope),
         (status = 403, description = "Seat limit reached, invitation for another address, or a publishable key", body = ErrorEnvelope),
@@ -330,6 +331,7 @@ pub struct UserView {
     security(("api_key" = [])),
     params(("user_id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The user", body = UserView),
         (status = 404, description = "No such user", body = ErrorEnvelope),
     ))]
@@ -364,6 +366,7 @@ pub struct UpdateUserBody {
     params(("user_id" = String, Path)),
     request_body = UpdateUserBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The user", body = UserRecord),
         (status = 404, description = "No such user", body = ErrorEnvelope),
     ))]
@@ -394,7 +397,8 @@ pub struct MembersView {
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/members", tag = "growth",
     security(("api_key" = [])),
     params(("org_id" = String, Path)),
-    responses((status = 200, description = "The members", body = MembersView)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The members", body = MembersView)))]
 pub async fn org_members(
     State(state): State<AppState>,
     auth: SecretKey,
@@ -487,6 +491,7 @@ fn invitation_context(
     params(("org_id" = String, Path)),
     request_body = CreateInvitationsBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 201, description = "One entry per address", body = InvitationsCreated),
         (status = 400, description = "Invalid address, role or expiry", body = ErrorEnvelope),
         (status = 403, description = "The inviter is not a member", body = ErrorEnvelope),
@@ -632,6 +637,7 @@ pub struct InvitationList {
     security(("api_key" = [])),
     params(("org_id" = String, Path), InvitationFilter),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The invitations", body = InvitationList),
         (status = 400, description = "Unknown status", body = ErrorEnvelope),
     ))]
@@ -667,6 +673,7 @@ pub async fn list_invitations(
     security(("api_key" = [])),
     params(("org_id" = String, Path), ("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Revoked", body = Invitation),
         (status = 404, description = "No such invitation", body = ErrorEnvelope),
         (status = 409, description = "Already accepted, declined or revoked", body = ErrorEnvelope),
@@ -707,6 +714,7 @@ pub struct InvitationResent {
     params(("org_id" = String, Path), ("id" = String, Path)),
     request_body = ResendBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Resent", body = InvitationResent),
         (status = 404, description = "No such invitation", body = ErrorEnvelope),
         (status = 409, description = "Accepted, declined or revoked", body = ErrorEnvelope),
@@ -813,6 +821,7 @@ pub struct InvitationPreview {
     security(("api_key" = [])),
     request_body = TokenBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The open invitation", body = InvitationPreview),
         (status = 404, description = "No open invitation has this token", body = ErrorEnvelope),
     ))]
@@ -857,6 +866,7 @@ pub struct JoinBody {
     security(("api_key" = [])),
     request_body = JoinBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The membership", body = MembershipRecord),
         (status = 403, description = "Another address, an unverified address, or no seat left", body = ErrorEnvelope),
         (status = 404, description = "No open invitation has this token, or no such user", body = ErrorEnvelope),
@@ -898,6 +908,7 @@ pub struct Declined {
     security(("api_key" = [])),
     request_body = TokenBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Declined", body = Declined),
         (status = 404, description = "No open invitation has this token", body = ErrorEnvelope),
     ))]
@@ -948,6 +959,7 @@ pub struct InviteLinkCreated {
     params(("org_id" = String, Path)),
     request_body = CreateInviteLinkBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 201, description = "Created", body = InviteLinkCreated),
         (status = 400, description = "Invalid role, expiry or max_uses", body = ErrorEnvelope),
         (status = 403, description = "The creator is not a member", body = ErrorEnvelope),
@@ -1036,7 +1048,8 @@ pub struct InviteLinkList {
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/invite-links", tag = "growth",
     security(("api_key" = [])),
     params(("org_id" = String, Path)),
-    responses((status = 200, description = "The links", body = InviteLinkList)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The links", body = InviteLinkList)))]
 pub async fn list_invite_links(
     State(state): State<AppState>,
     auth: SecretKey,
@@ -1063,6 +1076,7 @@ pub async fn list_invite_links(
     security(("api_key" = [])),
     params(("org_id" = String, Path), ("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Revoked", body = InviteLinkView),
         (status = 404, description = "No such link", body = ErrorEnvelope),
     ))]
@@ -1100,6 +1114,7 @@ pub struct InviteLinkPreview {
     security(("api_key" = [])),
     request_body = TokenBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The usable link", body = InviteLinkPreview),
         (status = 404, description = "No usable invite link has this token", body = ErrorEnvelope),
     ))]
@@ -1130,6 +1145,7 @@ pub async fn lookup_invite_link(
     security(("api_key" = [])),
     request_body = JoinBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The membership", body = MembershipRecord),
         (status = 403, description = "No seat left", body = ErrorEnvelope),
         (status = 404, description = "No usable invite link has this token, or no such user", body = ErrorEnvelope),
@@ -1239,6 +1255,7 @@ fn check_audience(
     security(("api_key" = [])),
     request_body = CreateShareLinkBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 201, description = "Created", body = ShareLinkCreated),
         (status = 400, description = "Invalid field", body = ErrorEnvelope),
         (status = 404, description = "The creator has not signed up", body = ErrorEnvelope),
@@ -1356,7 +1373,8 @@ pub struct ShareLinkList {
 #[utoipa::path(get, path = "/v1/share-links", tag = "growth",
     security(("api_key" = [])),
     params(ShareLinkQuery),
-    responses((status = 200, description = "The links", body = ShareLinkList)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The links", body = ShareLinkList)))]
 pub async fn list_share_links(
     State(state): State<AppState>,
     auth: SecretKey,
@@ -1381,6 +1399,7 @@ pub async fn list_share_links(
     security(("api_key" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The link", body = ShareLink),
         (status = 404, description = "No such link", body = ErrorEnvelope),
     ))]
@@ -1434,6 +1453,7 @@ mod double_option {
     params(("id" = String, Path)),
     request_body = UpdateShareLinkBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The link", body = ShareLink),
         (status = 400, description = "Invalid field", body = ErrorEnvelope),
         (status = 404, description = "No such link", body = ErrorEnvelope),
@@ -1488,6 +1508,7 @@ pub async fn update_share_link(
     security(("api_key" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Revoked", body = ShareLink),
         (status = 404, description = "No such link", body = ErrorEnvelope),
     ))]
@@ -1690,6 +1711,7 @@ pub struct ReferralCodeView {
     security(("api_key" = [])),
     params(("user_id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The code", body = ReferralCodeView),
         (status = 404, description = "No such user", body = ErrorEnvelope),
     ))]
@@ -1746,6 +1768,7 @@ pub struct ClickRecorded {
     security(("api_key" = [])),
     request_body = ClickBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 201, description = "Recorded", body = ClickRecorded),
         (status = 404, description = "No user has this code", body = ErrorEnvelope),
     ))]
@@ -1806,6 +1829,7 @@ pub struct ReferralEventList {
     security(("api_key" = [])),
     params(ReferralEventParams),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The events", body = ReferralEventList),
         (status = 400, description = "Unknown kind or bad limit", body = ErrorEnvelope),
     ))]
@@ -1860,7 +1884,8 @@ pub struct OrgTemplateView {
 /// delivered with each `org.provisioned` webhook.
 #[utoipa::path(get, path = "/v1/org-template", tag = "growth",
     security(("api_key" = [])),
-    responses((status = 200, description = "The current template", body = OrgTemplateView)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The current template", body = OrgTemplateView)))]
 pub async fn get_org_template(
     State(state): State<AppState>,
     auth: SecretKey,
@@ -1879,6 +1904,7 @@ pub async fn get_org_template(
     security(("api_key" = [])),
     request_body = Object,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Written", body = OrgTemplateView),
         (status = 400, description = "Not a JSON object, or too large", body = ErrorEnvelope),
     ))]
@@ -1916,7 +1942,8 @@ pub struct EmailTemplateList {
 /// The email templates in effect (minijinja syntax).
 #[utoipa::path(get, path = "/v1/email-templates", tag = "growth",
     security(("api_key" = [])),
-    responses((status = 200, description = "The templates", body = EmailTemplateList)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The templates", body = EmailTemplateList)))]
 pub async fn list_email_templates(
     State(state): State<AppState>,
     auth: SecretKey,
@@ -1949,6 +1976,7 @@ pub struct EmailTemplateBody {
     params(("kind" = String, Path)),
     request_body = EmailTemplateBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Written", body = EmailTemplate),
         (status = 400, description = "Does not render", body = ErrorEnvelope),
         (status = 404, description = "Unknown kind", body = ErrorEnvelope),
@@ -2001,7 +2029,8 @@ pub struct EmailList {
 #[utoipa::path(get, path = "/v1/emails", tag = "growth",
     security(("api_key" = [])),
     params(EmailListParams),
-    responses((status = 200, description = "The emails", body = EmailList)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The emails", body = EmailList)))]
 pub async fn list_emails(
     State(state): State<AppState>,
     auth: SecretKey,

@@ -63,6 +63,7 @@ fn not_found() -> ApiError {
     security(("api_key" = [])),
     request_body = CreateEndpointBody,
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 201, description = "Created", body = WebhookEndpoint),
         (status = 400, description = "Invalid URL or unknown event type", body = ErrorEnvelope),
     ))]
@@ -125,7 +126,8 @@ pub struct EndpointList {
 /// The project's endpoints; a disabled one says why.
 #[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks",
     security(("api_key" = [])),
-    responses((status = 200, description = "The endpoints", body = EndpointList)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),(status = 200, description = "The endpoints", body = EndpointList)))]
 pub async fn list_endpoints(
     State(state): State<AppState>,
     auth: SecretKey,
@@ -142,6 +144,7 @@ pub async fn list_endpoints(
     security(("api_key" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such endpoint", body = ErrorEnvelope),
     ))]
@@ -167,6 +170,7 @@ pub async fn delete_endpoint(
     security(("api_key" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Enabled", body = WebhookEndpoint),
         (status = 404, description = "No such endpoint", body = ErrorEnvelope),
     ))]
@@ -189,6 +193,7 @@ pub async fn enable_endpoint(
     security(("api_key" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Disabled", body = WebhookEndpoint),
         (status = 404, description = "No such endpoint", body = ErrorEnvelope),
     ))]
@@ -230,6 +235,7 @@ pub struct DeliveryList {
     security(("api_key" = [])),
     params(DeliveryParams),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "The deliveries", body = DeliveryList),
         (status = 400, description = "Unknown status or bad limit", body = ErrorEnvelope),
     ))]
@@ -268,6 +274,7 @@ pub async fn list_deliveries(
     security(("api_key" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 200, description = "Scheduled", body = DeliveryRecord),
         (status = 404, description = "No such delivery", body = ErrorEnvelope),
     ))]
