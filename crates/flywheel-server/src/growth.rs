@@ -171,6 +171,8 @@ pub fn render(
 pub struct IpLimiter {
     per_minute: u32,
     windows: DashMap<IpAddr, (i64, u32), foldhash::fast::RandomState>,
+    /// The minute of the last sweep of old windows.
+    swept: std::sync::atomic::AtomicI64,
 }
 
 impl IpLimiter {
@@ -178,6 +180,7 @@ impl IpLimiter {
         Self {
             per_minute: per_minute.max(1),
             windows: DashMap::default(),
+            swept: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -193,9 +196,15 @@ impl IpLimiter {
         }
         entry.1 += 1;
         drop(entry);
-        // Keep the map from growing without bound: forget old windows now
-        // and then (cheap: one pass per 4,096 distinct IPs).
-        if self.windows.len() > 4096 {
+        // Keep the map from growing without bound: past 4,096 IPs, forget
+        // old windows, at most once a minute (a pass per request would make
+        // a flood of distinct IPs quadratic).
+        if self.windows.len() > 4096
+            && self
+                .swept
+                .swap(minute, std::sync::atomic::Ordering::Relaxed)
+                != minute
+        {
             self.windows.retain(|_, (window, _)| *window == minute);
         }
         Ok(())
@@ -247,5 +256,24 @@ mod tests {
         assert_eq!(limiter.check(ip, 150), Err(30));
         assert!(limiter.check(other, 150).is_ok());
         assert!(limiter.check(ip, 180).is_ok(), "a new minute");
+    }
+
+    #[test]
+    fn old_windows_are_forgotten_once_the_map_is_large() {
+        let limiter = IpLimiter::new(10);
+        for i in 0..5000u32 {
+            limiter.check(IpAddr::from(i.to_be_bytes()), 60).unwrap();
+        }
+        assert_eq!(
+            limiter.windows.len(),
+            5000,
+            "same minute: nothing to forget"
+        );
+        limiter.check("203.0.113.1".parse().unwrap(), 120).unwrap();
+        assert_eq!(
+            limiter.windows.len(),
+            1,
+            "a new minute sweeps the old windows"
+        );
     }
 }

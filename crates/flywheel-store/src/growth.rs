@@ -162,6 +162,7 @@ pub struct InvitationBatch {
     pub inviter_user_id: String,
     pub role: String,
     pub expires_at: DateTime<Utc>,
+    /// Distinct addresses (the caller dedupes); one outcome each, in order.
     pub invitations: Vec<NewInvitation>,
     pub policy: InvitationPolicy,
     pub now: DateTime<Utc>,

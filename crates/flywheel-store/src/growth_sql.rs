@@ -1020,7 +1020,7 @@ macro_rules! growth_store_impl {
                     .fetch_optional(&mut *conn)
                     .await?;
                     if member.is_some() {
-                        outcomes.push(InvitationOutcome::AlreadyMember);
+                        outcomes.push(Some(InvitationOutcome::AlreadyMember));
                         continue;
                     }
                     let sql = format!(
@@ -1035,14 +1035,12 @@ macro_rules! growth_store_impl {
                         .fetch_optional(&mut *conn)
                         .await?;
                     if let Some(row) = pending {
-                        outcomes.push(InvitationOutcome::AlreadyPending(invitation_from(&row)?));
+                        outcomes.push(Some(InvitationOutcome::AlreadyPending(invitation_from(&row)?)));
                         continue;
                     }
-                    if fresh.iter().any(|(_, email): &(usize, String)| *email == new.email) {
-                        continue;
-                    }
-                    fresh.push((outcomes.len(), new.email.clone()));
-                    outcomes.push(InvitationOutcome::AlreadyMember); // replaced below
+                    // Decided below, once the rate limits pass.
+                    fresh.push(outcomes.len());
+                    outcomes.push(None);
                 }
                 let count = fresh.len() as i64;
                 if count > 0 {
@@ -1084,12 +1082,8 @@ macro_rules! growth_store_impl {
                     }
                 }
                 let mut messages = Vec::new();
-                for (slot, email) in fresh {
-                    let new = batch
-                        .invitations
-                        .iter()
-                        .find(|new| new.email == email)
-                        .expect("collected from the batch");
+                for slot in fresh {
+                    let new = &batch.invitations[slot];
                     let invitation = Invitation {
                         id: new.id.clone(),
                         org_id: batch.org_id.clone(),
@@ -1137,10 +1131,10 @@ macro_rules! growth_store_impl {
                         event_type: "invitation.created".into(),
                         data: serde_json::to_value(&invitation).map_err(StoreError::internal)?,
                     });
-                    outcomes[slot] = InvitationOutcome::Created(invitation);
+                    outcomes[slot] = Some(InvitationOutcome::Created(invitation));
                 }
                 enqueue(&mut *conn, project, &messages, now).await?;
-                Ok(Ok(outcomes))
+                Ok(Ok(outcomes.into_iter().map(|outcome| outcome.expect("every slot decided")).collect()))
             }
 
             async fn resend_in(

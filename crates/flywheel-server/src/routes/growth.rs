@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
+use flywheel_domain::billing::org::OrgState;
 use flywheel_domain::growth::email::{identity_of_email, mask_email, normalize_email};
 use flywheel_domain::growth::guest_token::{sign_guest_token, verify_guest_token, GuestClaims};
 use flywheel_domain::growth::model::{
@@ -24,6 +25,7 @@ use flywheel_domain::growth::model::{
 };
 use flywheel_domain::growth::password::{hash_password, verify_password};
 use flywheel_domain::growth::token::{digest_token, issue_token, plausible_token, TokenKind};
+use flywheel_domain::project::ProjectId;
 use flywheel_store::growth::{
     EmailRecord, EmailTemplate, InvitationBatch, InvitationOutcome, JoinRequest, MembershipRecord,
     NewInvitation, OrgProfile, ReferralEventQuery, ResendRequest, ShareLinkFilter, ShareLinkUpdate,
@@ -112,6 +114,16 @@ fn optional_text(field: &'static str, value: &Option<String>, max: usize) -> Res
 
 fn token_hash(state: &AppState, kind: TokenKind, token: &str) -> Option<String> {
     plausible_token(kind, token).then(|| digest_token(&state.growth_keys.token_key, token).hash)
+}
+
+/// After a growth write: refresh the org cache with the orgs it changed
+/// (seats) and wake the outbox senders.
+fn after_commit(state: &AppState, project: ProjectId, orgs: Vec<std::sync::Arc<OrgState>>) {
+    state
+        .snapshot
+        .orgs
+        .offer_all(orgs.into_iter().map(|org| (project, org)).collect());
+    state.outbox_signal.wake();
 }
 
 fn email_status(state: &AppState, send: bool) -> &'static str {
@@ -308,11 +320,7 @@ pub async fn signup(
             }
             outcome => {
                 let commit = outcome??;
-                state
-                    .snapshot
-                    .orgs
-                    .offer_all(commit.orgs.into_iter().map(|org| (project, org)).collect());
-                state.outbox_signal.wake();
+                after_commit(&state, project, commit.orgs);
                 return Ok(Json(commit.reply));
             }
         }
@@ -889,11 +897,7 @@ pub async fn accept_invitation(
             now: state.clock.now(),
         })
         .await??;
-    state
-        .snapshot
-        .orgs
-        .offer_all(commit.orgs.into_iter().map(|org| (project, org)).collect());
-    state.outbox_signal.wake();
+    after_commit(&state, project, commit.orgs);
     Ok(Json(commit.reply))
 }
 
@@ -1168,11 +1172,7 @@ pub async fn join_invite_link(
             now: state.clock.now(),
         })
         .await??;
-    state
-        .snapshot
-        .orgs
-        .offer_all(commit.orgs.into_iter().map(|org| (project, org)).collect());
-    state.outbox_signal.wake();
+    after_commit(&state, project, commit.orgs);
     Ok(Json(commit.reply))
 }
 
