@@ -71,6 +71,7 @@ use crate::routes;
         routes::growth::get_user,
         routes::growth::update_user,
         routes::growth::org_members,
+        routes::growth::remove_member,
         routes::growth::create_invitations,
         routes::growth::list_invitations,
         routes::growth::revoke_invitation,

@@ -38,8 +38,15 @@ pub const WEBHOOK_RETRY_DELAYS_SECS: &[i64] = &[
 /// Delay before each retry of an email: 30 s, 2 min, 10 min, 1 h, 6 h.
 pub const EMAIL_RETRY_DELAYS_SECS: &[i64] = &[30, 120, 600, 3600, 6 * 3600];
 
-/// How long a claimed message stays leased to the node sending it.
+/// How long a claimed email stays leased to the node sending it.
 const LEASE_SECS: i64 = 60;
+
+/// How long a claimed webhook delivery stays leased: comfortably longer
+/// than one attempt (all claimed deliveries are sent at once, each bounded
+/// by the request timeout), so only a dead node's deliveries come due again.
+fn webhook_lease(settings: &WebhookSettings) -> chrono::Duration {
+    chrono::Duration::seconds((settings.request_timeout_secs.max(1) as i64 * 3).max(3))
+}
 
 /// When to retry after `attempts` failed attempts (`None`: give up).
 pub fn next_retry(
@@ -68,6 +75,26 @@ impl OutboxSignal {
     }
 }
 
+/// How often finished outbound work is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes finished outbound work older than the retention (at least a
+/// day, so nothing a retry could still want is deleted).
+pub async fn prune(store: &dyn Store, now: chrono::DateTime<chrono::Utc>, retention_days: i64) {
+    let cutoff = now - chrono::Duration::days(retention_days.max(1));
+    match store.prune_outbound(cutoff).await {
+        Ok(pruned) if pruned != Default::default() => tracing::info!(
+            messages = pruned.messages,
+            deliveries = pruned.deliveries,
+            emails = pruned.emails,
+            signup_keys = pruned.signup_keys,
+            "pruned finished outbound work older than {retention_days} days"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot prune finished outbound work"),
+    }
+}
+
 /// Sends due webhook deliveries until `stop` is cancelled.
 pub async fn run_webhooks(
     store: Arc<dyn Store>,
@@ -90,10 +117,15 @@ pub async fn run_webhooks(
     };
     let poll = Duration::from_millis(settings.poll_interval_ms.max(10));
     let limit = settings.concurrency.clamp(1, 256) as u32;
+    let mut next_prune = tokio::time::Instant::now();
     loop {
         let now = clock.now();
+        if tokio::time::Instant::now() >= next_prune {
+            next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
+            prune(store.as_ref(), now, settings.retention_days).await;
+        }
         let claimed = match store
-            .claim_deliveries(now, now + chrono::Duration::seconds(LEASE_SECS), limit)
+            .claim_deliveries(now, now + webhook_lease(&settings), limit)
             .await
         {
             Ok(claimed) => claimed,

@@ -304,6 +304,9 @@ pub struct WebhookSettings {
     pub disable_after_hours: i64,
     /// Deliveries sent at once.
     pub concurrency: usize,
+    /// Finished outbound work (delivered or failed webhooks, sent emails,
+    /// signup idempotency keys) older than this is pruned, hourly.
+    pub retention_days: i64,
 }
 
 impl Default for WebhookSettings {
@@ -313,6 +316,7 @@ impl Default for WebhookSettings {
             request_timeout_secs: 10,
             disable_after_hours: 5 * 24,
             concurrency: 16,
+            retention_days: 30,
         }
     }
 }

@@ -24,6 +24,7 @@ flywheel_store::for_each_backend!(
     a_newcomer_walks_the_whole_loop_and_every_step_is_attributed,
     webhooks_arrive_signed_and_verify_with_the_reference_library,
     refusals_have_documented_codes,
+    members_leave_and_billing_changes_reach_webhooks,
 );
 
 struct App {
@@ -357,8 +358,12 @@ async fn a_newcomer_walks_the_whole_loop_and_every_step_is_attributed(backend: B
 /// A local HTTP receiver that records each webhook (headers and body) and
 /// answers 500 to the first delivery, to exercise a retry.
 async fn receiver() -> (String, Arc<Mutex<Vec<(Value, String)>>>) {
+    receiver_failing_first(true).await
+}
+
+async fn receiver_failing_first(fail_first: bool) -> (String, Arc<Mutex<Vec<(Value, String)>>>) {
     let seen: Arc<Mutex<Vec<(Value, String)>>> = Arc::default();
-    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(!fail_first));
     let record = seen.clone();
     let app = axum::Router::new().route(
         "/hook",
@@ -918,5 +923,152 @@ async fn refusals_have_documented_codes(backend: Backend) {
     assert_eq!(
         (status, code(&body)),
         (StatusCode::BAD_REQUEST, "invalid_query".into())
+    );
+}
+
+async fn members_leave_and_billing_changes_reach_webhooks(backend: Backend) {
+    let app = spawn(backend, |_| {}).await;
+    let s = &app.secret;
+    let (status, _) = call(s, Method::PUT, "/v1/catalog", Some(json!({
+        "features": [{"key": "seats", "name": "Seats", "kind": "metered"}],
+        "plans": [
+            {"key": "free", "default": true, "features": {"seats": {"limit": 2, "reset": "never"}}},
+            {"key": "pro", "price": {"amount": 2900, "currency": "usd"},
+             "features": {"seats": {"limit": 20, "reset": "never"}}}
+        ]
+    }))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (url, seen) = receiver_failing_first(false).await;
+    let (status, _) = call(
+        s,
+        Method::POST,
+        "/v1/webhook-endpoints",
+        Some(json!({"url": url})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, alice) = call(
+        s,
+        Method::POST,
+        "/v1/signup",
+        Some(signup_body("alice", json!({}))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{alice}");
+    let org = alice["org"]["org_id"].as_str().unwrap().to_owned();
+    let (_, invited) = call(
+        s,
+        Method::POST,
+        &format!("/v1/orgs/{org}/invitations"),
+        Some(json!({"email": "bob@example.com", "inviter_user_id": "alice"})),
+    )
+    .await;
+    let token = invited["invitations"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, bob) = call(
+        s,
+        Method::POST,
+        "/v1/signup",
+        Some(signup_body("bob", json!({"invitation_token": token}))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{bob}");
+
+    let members = format!("/v1/orgs/{org}/members");
+    let (status, owner) = call(s, Method::DELETE, &format!("{members}/alice"), None).await;
+    assert_eq!(
+        (status, owner["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("cannot_remove_owner"))
+    );
+    let (status, removed) = call(s, Method::DELETE, &format!("{members}/bob"), None).await;
+    assert_eq!(status, StatusCode::OK, "{removed}");
+    assert_eq!(removed["user_id"], "bob");
+    let (status, again) = call(s, Method::DELETE, &format!("{members}/bob"), None).await;
+    assert_eq!(
+        (status, again["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("membership_not_found"))
+    );
+    // The seat is back, at once (the cache follows the write).
+    let (_, check) = call(
+        s,
+        Method::POST,
+        "/v1/check",
+        Some(json!({"org_id": org, "feature": "seats"})),
+    )
+    .await;
+    assert_eq!(check["used"], 1, "{check}");
+    let (status, _) = call(
+        &app.publishable,
+        Method::DELETE,
+        &format!("{members}/alice"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "removing members takes a secret key"
+    );
+
+    let (status, changed) = call(
+        s,
+        Method::POST,
+        &format!("/v1/orgs/{org}/subscription"),
+        Some(json!({"plan": "pro"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    let (_, conversions) = call(s, Method::GET, "/v1/referral-events?kind=converted", None).await;
+    let conversions = conversions["events"].as_array().unwrap().clone();
+    assert_eq!(conversions.len(), 1, "{conversions:?}");
+    assert_eq!(conversions[0]["signup_user_id"], "alice");
+    assert_eq!(conversions[0]["resource_id"], "pro");
+
+    let wanted = [
+        "usage.limit_reached",
+        "membership.removed",
+        "subscription.changed",
+    ];
+    let mut arrived = Vec::new();
+    for _ in 0..200 {
+        arrived = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| serde_json::from_str::<Value>(body).unwrap())
+            .collect::<Vec<Value>>();
+        if wanted
+            .iter()
+            .all(|t| arrived.iter().any(|m| m["type"] == *t))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let of_type = |t: &str| {
+        arrived
+            .iter()
+            .find(|m| m["type"] == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t} in {arrived:?}"))
+    };
+    let limit = of_type("usage.limit_reached");
+    assert_eq!(
+        (
+            limit["data"]["feature"].as_str(),
+            limit["data"]["used"].as_i64()
+        ),
+        (Some("seats"), Some(2))
+    );
+    assert_eq!(of_type("membership.removed")["data"]["user_id"], "bob");
+    let change = of_type("subscription.changed");
+    assert_eq!(
+        (
+            change["data"]["previous_plan"].as_str(),
+            change["data"]["plan"].as_str()
+        ),
+        (Some("free"), Some("pro"))
     );
 }

@@ -273,6 +273,15 @@ impl WebhookEndpoint {
     }
 }
 
+/// What [`GrowthStore::prune_outbound`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrunedOutbound {
+    pub messages: u64,
+    pub deliveries: u64,
+    pub emails: u64,
+    pub signup_keys: u64,
+}
+
 /// A delivery claimed for sending: the lease runs until the claim's
 /// `lease_until`; if the sender dies, it is due again then.
 #[derive(Debug, Clone, PartialEq)]
@@ -412,6 +421,18 @@ pub trait GrowthStore: Send + Sync {
         project: ProjectId,
         org_id: &str,
     ) -> Result<(Option<OrgProfile>, Vec<MembershipRecord>), crate::StoreError>;
+
+    /// Removes a member and gives back the seat they held, in one
+    /// transaction with its `membership.removed` webhook. `Ok(None)`: not
+    /// a member. The org's owner cannot be removed (`cannot_remove_owner`).
+    async fn remove_member(
+        &self,
+        project: ProjectId,
+        org_id: &str,
+        user_id: &str,
+        policy: &GrowthPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<Ruled<GrowthCommit<Option<MembershipRecord>>>, crate::StoreError>;
 
     async fn create_invitations(
         &self,
@@ -647,6 +668,14 @@ pub trait GrowthStore: Send + Sync {
         query: &DeliveryQuery,
     ) -> Result<Vec<DeliveryRecord>, crate::StoreError>;
     /// Schedules a delivery again now, whatever its state.
+    /// Deletes what outbound work is done with and older than `older_than`:
+    /// messages none of whose deliveries is still pending (with their
+    /// deliveries), sent or failed emails, and signup idempotency keys.
+    /// Pending work is never pruned.
+    async fn prune_outbound(
+        &self,
+        older_than: DateTime<Utc>,
+    ) -> Result<PrunedOutbound, crate::StoreError>;
     /// The installation's secret called `name`, set to `candidate` if it has
     /// none yet (every node then reads the first one written).
     async fn instance_secret(

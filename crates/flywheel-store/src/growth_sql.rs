@@ -24,7 +24,7 @@ macro_rules! growth_store_impl {
             use flywheel_domain::billing::catalog::FeatureKind;
             use flywheel_domain::billing::org::OrgCommand;
             use flywheel_domain::growth::model::{
-                attribute, pick_click, Invitation, InvitationStatus, InviteLink,
+                attribute, pick_click, Attribution, Invitation, InvitationStatus, InviteLink,
                 NewReferralEvent, ReferralClick, ReferralClue, ReferralEvent, ReferralEventKind,
                 RefusedClue, ShareAudience, ShareLink, SharePermission, SignupClues,
                 AcquisitionSource,
@@ -244,6 +244,88 @@ macro_rules! growth_store_impl {
                 Ok(())
             }
 
+            /// What billing writes imply beyond the org rows, in their
+            /// transaction: their webhooks (`subscription.changed`,
+            /// `usage.warning`, `usage.limit_reached`) and, the first time
+            /// an org leaves the default plan, a `converted` referral event
+            /// for its owner (actor: whoever brought the owner).
+            pub(crate) async fn billing_effects(
+                conn: &mut Conn,
+                project: ProjectId,
+                billing: &crate::Billing,
+                changes: &[(&OrgState, &OrgState)],
+                now: DateTime<Utc>,
+            ) -> Result<(), StoreError> {
+                use flywheel_domain::billing::notice::{billing_notices, BillingNotice};
+                let mut messages = Vec::new();
+                for (before, after) in changes {
+                    if before.version == after.version {
+                        continue;
+                    }
+                    for notice in billing_notices(&billing.catalog, billing.grace, before, after, now) {
+                        match notice {
+                            BillingNotice::Webhook { event_type, data } => messages.push(OutboxMessage {
+                                event_type: event_type.to_owned(),
+                                data,
+                            }),
+                            BillingNotice::Converted { org_id, to_plan, .. } => {
+                                record_conversion(&mut *conn, project, &org_id, &to_plan, now).await?;
+                            }
+                        }
+                    }
+                }
+                enqueue(conn, project, &messages, now).await
+            }
+
+            async fn record_conversion(
+                conn: &mut Conn,
+                project: ProjectId,
+                org_id: &str,
+                plan: &str,
+                now: DateTime<Utc>,
+            ) -> Result<(), StoreError> {
+                let seen = sqlx::query(
+                    "SELECT 1 AS seen FROM referral_events WHERE project_id = $1 AND kind = 'converted' AND org_id = $2",
+                )
+                .bind(g_project(project))
+                .bind(org_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if seen.is_some() {
+                    return Ok(());
+                }
+                let owner = sqlx::query(
+                    "SELECT u.user_id, u.invited_by_user_id, u.attribution FROM org_profiles p \
+                     JOIN users u ON u.project_id = p.project_id AND u.user_id = p.owner_user_id \
+                     WHERE p.project_id = $1 AND p.org_id = $2",
+                )
+                .bind(g_project(project))
+                .bind(org_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                // An org Flywheel did not provision has no owner to credit.
+                let Some(owner) = owner else {
+                    return Ok(());
+                };
+                let attribution: Attribution = serde_json::from_value(g_read_json(&owner, "attribution")?)
+                    .map_err(StoreError::internal)?;
+                let via_id = attribution
+                    .invitation_id
+                    .clone()
+                    .or(attribution.invite_link_id.clone())
+                    .or(attribution.share_link_id.clone())
+                    .or(attribution.referral_click_id.clone());
+                referral_event(&mut *conn, project, NewReferralEvent {
+                    kind: ReferralEventKind::Converted,
+                    actor_user_id: owner.try_get("invited_by_user_id")?,
+                    resource_type: "plan".into(),
+                    resource_id: plan.to_owned(),
+                    via_id,
+                    signup_user_id: Some(owner.try_get("user_id")?),
+                    org_id: Some(org_id.to_owned()),
+                }, now).await
+            }
+
             async fn queue_email(
                 conn: &mut Conn,
                 project: ProjectId,
@@ -330,7 +412,11 @@ macro_rules! growth_store_impl {
                             None => "the org's plan does not include seats".to_owned(),
                         },
                     )),
-                    Ok(_) => Ok(Ok(g_save_org(&mut *conn, project, &before, after).await?)),
+                    Ok(_) => {
+                        let saved = g_save_org(&mut *conn, project, &before, after).await?;
+                        billing_effects(&mut *conn, project, &policy.billing, &[(&before, &saved)], now).await?;
+                        Ok(Ok(saved))
+                    }
                     Err(error) => rules(error),
                 }
             }
@@ -1802,6 +1888,67 @@ macro_rules! growth_store_impl {
                     share_by_hash(&mut conn, project, token_hash).await
                 }
 
+                async fn remove_member(
+                    &self,
+                    project: ProjectId,
+                    org_id: &str,
+                    user_id: &str,
+                    policy: &GrowthPolicy,
+                    now: DateTime<Utc>,
+                ) -> Result<Ruled<GrowthCommit<Option<MembershipRecord>>>, StoreError> {
+                    let mut tx = self.g_begin().await?;
+                    // The org row's lock serialises membership changes of the org.
+                    let before = g_load_org(&mut tx, project, org_id, now).await?;
+                    let Some(membership) = membership_in(&mut tx, project, org_id, user_id).await? else {
+                        return Ok(Ok(GrowthCommit { reply: None, orgs: vec![Arc::new(before)] }));
+                    };
+                    if let Some(profile) = profile_in(&mut tx, project, org_id).await? {
+                        if profile.owner_user_id.as_deref() == Some(user_id) {
+                            return rules(DomainError::new(
+                                ErrorKind::Conflict,
+                                "cannot_remove_owner",
+                                "the org's owner cannot be removed",
+                            ));
+                        }
+                    }
+                    sqlx::query("DELETE FROM memberships WHERE project_id = $1 AND org_id = $2 AND user_id = $3")
+                        .bind(g_project(project))
+                        .bind(org_id)
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    let catalog = &policy.billing.catalog;
+                    let metered = catalog
+                        .feature(&policy.seats_feature)
+                        .is_some_and(|(_, feature)| feature.kind == FeatureKind::Metered);
+                    let mut state = before.clone();
+                    if metered {
+                        let mut after = before.clone();
+                        let command = OrgCommand::Release {
+                            feature: policy.seats_feature.clone(),
+                            amount: 1,
+                        };
+                        // A seat the catalog no longer lets us give back
+                        // must not keep a member in: removal always works.
+                        if after.execute(catalog, &command, policy.billing.grace, now).is_ok() {
+                            let saved = g_save_org(&mut tx, project, &before, after).await?;
+                            billing_effects(&mut tx, project, &policy.billing, &[(&before, &saved)], now).await?;
+                            state = saved;
+                        }
+                    }
+                    let message = OutboxMessage {
+                        event_type: "membership.removed".into(),
+                        data: serde_json::json!({
+                            "org_id": org_id,
+                            "user_id": user_id,
+                            "role": &membership.role,
+                        }),
+                    };
+                    enqueue(&mut tx, project, &[message], now).await?;
+                    tx.commit().await?;
+                    Ok(Ok(GrowthCommit { reply: Some(membership), orgs: vec![Arc::new(state)] }))
+                }
+
                 async fn is_member(&self, project: ProjectId, org_id: &str, user_id: &str) -> Result<bool, StoreError> {
                     let mut conn = self.g_reader().acquire().await?;
                     Ok(membership_in(&mut conn, project, org_id, user_id).await?.is_some())
@@ -2344,6 +2491,40 @@ macro_rules! growth_store_impl {
                         .iter()
                         .map(delivery_from)
                         .collect()
+                }
+
+                async fn prune_outbound(&self, older_than: DateTime<Utc>) -> Result<PrunedOutbound, StoreError> {
+                    let mut tx = self.g_begin().await?;
+                    let deliveries = sqlx::query(
+                        "DELETE FROM webhook_deliveries WHERE message_id IN (\
+                         SELECT id FROM outbox WHERE created_at < $1 AND NOT EXISTS (\
+                         SELECT 1 FROM webhook_deliveries pending WHERE pending.message_id = outbox.id \
+                         AND pending.status = 'pending'))",
+                    )
+                    .bind(g_time(older_than))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    let messages = sqlx::query(
+                        "DELETE FROM outbox WHERE created_at < $1 AND NOT EXISTS (\
+                         SELECT 1 FROM webhook_deliveries d WHERE d.message_id = outbox.id)",
+                    )
+                    .bind(g_time(older_than))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    let emails = sqlx::query("DELETE FROM emails WHERE created_at < $1 AND status <> 'pending'")
+                        .bind(g_time(older_than))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    let signup_keys = sqlx::query("DELETE FROM growth_requests WHERE created_at < $1")
+                        .bind(g_time(older_than))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    tx.commit().await?;
+                    Ok(PrunedOutbound { messages, deliveries, emails, signup_keys })
                 }
 
                 async fn instance_secret(&self, name: &str, candidate: &str) -> Result<String, StoreError> {

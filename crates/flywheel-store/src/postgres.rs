@@ -1191,6 +1191,15 @@ impl Store for PgStore {
             for key in keys {
                 let after = states.remove(&key).expect("listed above");
                 let saved = save_org_in(&mut tx, key.0 .0, &before[&key], after).await?;
+                if let Some(saved) = &saved {
+                    let mut naming = requests
+                        .iter()
+                        .filter(|request| request.project == key.0 && request.org_id == key.1);
+                    let first = naming.next().expect("every org was named by a request");
+                    let now = naming.fold(first.now, |latest, request| latest.max(request.now));
+                    growth_impl::billing_effects(&mut tx, key.0, &first.billing, &[(&before[&key], saved)], now)
+                        .await?;
+                }
                 // Changed or not, this is the latest committed state (the
                 // org was locked): it refreshes caches either way.
                 let state = saved.unwrap_or_else(|| before[&key].clone());
@@ -1491,6 +1500,14 @@ async fn apply_meters(
     for org in orgs {
         let after = states.remove(&org).expect("listed above");
         if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
+            growth_impl::billing_effects(
+                conn,
+                ProjectId(project),
+                billing,
+                &[(&before[&org], &state)],
+                now,
+            )
+            .await?;
             saved.push(state);
         }
     }

@@ -1264,6 +1264,13 @@ impl Store for SqliteStore {
                     .map(|key| (&before[key], states.remove(key).expect("listed above")))
                     .collect();
                 let saved = save_orgs_in(&mut tx, &project.0.to_string(), writes).await?;
+                let group = &by_project[project];
+                let now = group.iter().map(|request| request.now).max().expect("a group is never empty");
+                let changes: Vec<(&OrgState, &OrgState)> = saved
+                    .iter()
+                    .map(|after| (&before[&(*project, after.org_id.clone())], after))
+                    .collect();
+                growth_impl::billing_effects(&mut tx, *project, &group[0].billing, &changes, now).await?;
                 // Changed or not, each is the latest committed state (this
                 // transaction held the write lock): it refreshes caches.
                 commit
@@ -1584,6 +1591,12 @@ async fn apply_meters(
         .map(|org| (&before[org], states.remove(org).expect("listed above")))
         .collect();
     let saved = save_orgs_in(conn, project, writes).await?;
+    let changes: Vec<(&OrgState, &OrgState)> = saved
+        .iter()
+        .map(|after| (&before[&after.org_id], after))
+        .collect();
+    let project_id = ProjectId(uuid::Uuid::parse_str(project).map_err(StoreError::internal)?);
+    growth_impl::billing_effects(conn, project_id, billing, &changes, now).await?;
     // Only the orgs the events changed (the others were only read).
     Ok(saved
         .into_iter()

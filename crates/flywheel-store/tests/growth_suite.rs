@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use flywheel_domain::billing::org::OrgCommand;
 use flywheel_domain::billing::Catalog;
 use flywheel_domain::growth::email::identity_of_email;
 use flywheel_domain::growth::model::{
@@ -19,7 +20,7 @@ use flywheel_store::growth::{
     NewInvitation, ReferralEventQuery, RenderedEmail, SignupRequest, WebhookEndpoint,
 };
 use flywheel_store::testing::TestDatabase;
-use flywheel_store::{Backend, Billing, Store};
+use flywheel_store::{Backend, Billing, OrgRequest, OrgResult, Store};
 use serde_json::json;
 
 flywheel_store::for_each_backend!(
@@ -33,6 +34,9 @@ flywheel_store::for_each_backend!(
     referrals_attribute_within_the_window_and_refuse_self_referral,
     deliveries_are_leased_retried_and_replayed,
     emails_are_claimed_once_and_bodies_cleared_when_sent,
+    members_are_removed_and_give_their_seat_back,
+    billing_writes_announce_changes_limits_and_conversions_once,
+    finished_outbound_work_is_pruned_and_pending_work_kept,
 );
 
 fn at(seconds: i64) -> DateTime<Utc> {
@@ -847,4 +851,283 @@ async fn emails_are_claimed_once_and_bodies_cleared_when_sent(backend: Backend) 
         .await
         .unwrap()
         .is_empty());
+}
+
+fn all_events_endpoint(p: ProjectId) -> (ProjectId, WebhookEndpoint) {
+    let endpoint = WebhookEndpoint {
+        id: "ep-all".into(),
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        event_types: vec![],
+        description: None,
+        enabled: true,
+        disabled_reason: None,
+        failing_since: None,
+        created_at: at(0),
+    };
+    (p, endpoint)
+}
+
+async fn delivered_types(store: &Arc<dyn Store>, p: ProjectId) -> Vec<(String, serde_json::Value)> {
+    let mut listed = store
+        .list_deliveries(
+            p,
+            &DeliveryQuery {
+                limit: 1000,
+                ..DeliveryQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    listed.reverse(); // oldest first
+    let claimed = store
+        .claim_deliveries(
+            at(0) + Duration::days(3650),
+            at(0) + Duration::days(3651),
+            1000,
+        )
+        .await
+        .unwrap();
+    listed
+        .iter()
+        .map(|d| {
+            let payload = claimed
+                .iter()
+                .find(|c| c.id == d.id)
+                .map(|c| c.payload["data"].clone())
+                .unwrap_or_default();
+            (d.event_type.clone(), payload)
+        })
+        .collect()
+}
+
+async fn members_are_removed_and_give_their_seat_back(backend: Backend) {
+    let (_db, store, p) = setup(backend).await;
+    let (_, endpoint) = all_events_endpoint(p);
+    store.create_webhook_endpoint(p, &endpoint).await.unwrap();
+    let mut alice = signup(p, "alice", at(1));
+    alice.policy = policy(2);
+    store.signup(&alice).await.unwrap().unwrap();
+    store
+        .create_invitations(&invite(
+            p,
+            "org-alice",
+            "alice",
+            &["bob@example.com", "carol@example.com"],
+            at(2),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut bob = signup(p, "bob", at(3));
+    bob.invitation_token_hash = Some("hash-bob@example.com".into());
+    bob.policy = policy(2);
+    store.signup(&bob).await.unwrap().unwrap();
+    // The second seat of two: the limit is announced in the join's transaction.
+    let types: Vec<String> = delivered_types(&store, p)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| *t == "usage.limit_reached").count(),
+        1,
+        "{types:?}"
+    );
+
+    let owner = store
+        .remove_member(p, "org-alice", "alice", &policy(2), at(4))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(owner.code, "cannot_remove_owner");
+    let removed = store
+        .remove_member(p, "org-alice", "bob", &policy(2), at(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(removed.reply.unwrap().user_id, "bob");
+    assert_eq!(removed.orgs[0].usage["seats"].plan_used, 1);
+    let again = store
+        .remove_member(p, "org-alice", "bob", &policy(2), at(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.reply.is_none());
+    // Bob keeps his account (and his own org); the freed seat admits Carol.
+    assert!(store.get_user(p, "bob").await.unwrap().is_some());
+    let mut carol = signup(p, "carol", at(7));
+    carol.invitation_token_hash = Some("hash-carol@example.com".into());
+    carol.policy = policy(2);
+    store.signup(&carol).await.unwrap().unwrap();
+    let (_, members) = store.org_members(p, "org-alice").await.unwrap();
+    let mut ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["alice", "carol"]);
+    let types: Vec<String> = delivered_types(&store, p)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| *t == "membership.removed").count(),
+        1
+    );
+    // Removing Bob then adding Carol crossed the limit a second time.
+    assert_eq!(
+        types.iter().filter(|t| *t == "usage.limit_reached").count(),
+        2
+    );
+}
+
+fn paid_policy() -> GrowthPolicy {
+    let mut policy = policy(10);
+    policy.billing.catalog = Arc::new(
+        Catalog::compile(
+            serde_json::from_value(json!({
+                "features": [{"key": "seats", "kind": "metered"}],
+                "plans": [
+                    {"key": "free", "default": true, "features": {
+                        "seats": {"limit": 3, "reset": "never"}}},
+                    {"key": "pro", "price": {"amount": 2900, "currency": "usd"}, "features": {
+                        "seats": {"limit": 10, "reset": "never"}}}
+                ]
+            }))
+            .unwrap(),
+        )
+        .unwrap(),
+    );
+    policy
+}
+
+async fn billing_writes_announce_changes_limits_and_conversions_once(backend: Backend) {
+    let (_db, store, p) = setup(backend).await;
+    let (_, endpoint) = all_events_endpoint(p);
+    store.create_webhook_endpoint(p, &endpoint).await.unwrap();
+    let mut alice = signup(p, "alice", at(1));
+    alice.policy = paid_policy();
+    let code = store
+        .signup(&alice)
+        .await
+        .unwrap()
+        .unwrap()
+        .reply
+        .user
+        .referral_code
+        .unwrap();
+    let mut dave = signup(p, "dave", at(2));
+    dave.policy = paid_policy();
+    dave.referral_code = Some(code);
+    store.signup(&dave).await.unwrap().unwrap();
+
+    let plan = |plan: &str, key: &str, seconds: i64| OrgRequest {
+        project: p,
+        org_id: "org-dave".into(),
+        command: OrgCommand::ChangePlan {
+            plan: plan.into(),
+            timing: Some(flywheel_domain::billing::org::Timing::Immediate),
+        },
+        idempotency_key: Some(key.into()),
+        billing: paid_policy().billing,
+        now: at(seconds),
+    };
+    let upgrade = store
+        .execute_org_requests(&[plan("pro", "up-1", 10)])
+        .await
+        .unwrap();
+    assert!(matches!(upgrade.results[0], OrgResult::Applied(_)));
+    // A retry of the same request replays and announces nothing more.
+    let retry = store
+        .execute_org_requests(&[plan("pro", "up-1", 11)])
+        .await
+        .unwrap();
+    assert!(matches!(retry.results[0], OrgResult::Replayed(_)));
+    // Down and up again: announced, but the org converted only once.
+    store
+        .execute_org_requests(&[plan("free", "down", 12)])
+        .await
+        .unwrap();
+    store
+        .execute_org_requests(&[plan("pro", "up-2", 13)])
+        .await
+        .unwrap();
+
+    let changes: Vec<serde_json::Value> = delivered_types(&store, p)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "subscription.changed")
+        .map(|(_, data)| data)
+        .collect();
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    assert_eq!(changes[0]["previous_plan"], "free");
+    assert_eq!(changes[0]["plan"], "pro");
+    assert_eq!(changes[0]["upgrade"], true);
+    assert_eq!(changes[1]["plan"], "free");
+    assert_eq!(changes[1]["upgrade"], false);
+    let conversions = store
+        .referral_events(
+            p,
+            &ReferralEventQuery {
+                kind: Some(ReferralEventKind::Converted),
+                limit: 10,
+                ..ReferralEventQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(conversions.len(), 1);
+    assert_eq!(conversions[0].actor_user_id.as_deref(), Some("alice"));
+    assert_eq!(conversions[0].signup_user_id.as_deref(), Some("dave"));
+    assert_eq!(conversions[0].org_id.as_deref(), Some("org-dave"));
+    assert_eq!(conversions[0].resource_id, "pro");
+}
+
+async fn finished_outbound_work_is_pruned_and_pending_work_kept(backend: Backend) {
+    let (_db, store, p) = setup(backend).await;
+    let (_, endpoint) = all_events_endpoint(p);
+    store.create_webhook_endpoint(p, &endpoint).await.unwrap();
+    store
+        .signup(&signup(p, "alice", at(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .signup(&signup(p, "bob", at(2)))
+        .await
+        .unwrap()
+        .unwrap();
+    // Alice's three messages are delivered; Bob's stay pending.
+    let claimed = store.claim_deliveries(at(3), at(63), 100).await.unwrap();
+    assert_eq!(claimed.len(), 6);
+    for delivery in claimed
+        .iter()
+        .filter(|d| d.payload["data"].to_string().contains("alice"))
+    {
+        store
+            .finish_delivery(&DeliveryAttempt {
+                id: delivery.id.clone(),
+                project: p,
+                endpoint_id: "ep-all".into(),
+                at: at(4),
+                status_code: Some(204),
+                error: None,
+                retry: None,
+                disable_endpoint: None,
+            })
+            .await
+            .unwrap();
+    }
+    // Nothing is old enough yet.
+    let none = store.prune_outbound(at(0)).await.unwrap();
+    assert_eq!(none, Default::default());
+    let pruned = store.prune_outbound(at(100)).await.unwrap();
+    assert_eq!(
+        (pruned.messages, pruned.deliveries, pruned.signup_keys),
+        (3, 3, 2)
+    );
+    let left = delivered_types(&store, p).await;
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left
+        .iter()
+        .all(|(_, data)| data.to_string().contains("bob")));
 }

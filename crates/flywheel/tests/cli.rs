@@ -62,7 +62,13 @@ struct Served {
 
 impl Served {
     fn start(db: &TestDatabase) -> Self {
-        let mut child = flywheel(db)
+        Self::start_with(db, &[])
+    }
+
+    fn start_with(db: &TestDatabase, env: &[(&str, &str)]) -> Self {
+        let mut command = flywheel(db);
+        command.envs(env.iter().copied());
+        let mut child = command
             .args(["serve", "--bind", "127.0.0.1:0"])
             .env("FLYWHEEL_SNAPSHOT__POLL_INTERVAL_MS", "50")
             .stdout(Stdio::piped())
@@ -771,4 +777,157 @@ async fn two_processes_never_overrun_a_hard_limit(backend: Backend) {
     let c = third.client().with_key(&secret);
     let (_, answer) = post_json(&c, reqwest::Method::POST, "/v1/check", check).await;
     assert_eq!(answer["used"], 10);
+}
+
+/// A webhook receiver that answers nothing while `hold` is set (so the
+/// sender is mid-delivery), and 204 otherwise. Records `webhook-id`s.
+#[derive(Default)]
+struct Receiver {
+    hold: std::sync::atomic::AtomicBool,
+    held: std::sync::Mutex<Vec<String>>,
+    delivered: std::sync::Mutex<Vec<String>>,
+}
+
+async fn serve_receiver(receiver: std::sync::Arc<Receiver>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let receiver = receiver.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Headers, then a body of Content-Length bytes.
+                let (head_end, length) = loop {
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (end + 4, length);
+                    }
+                };
+                while request.len() < head_end + length {
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+                let id = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("webhook-id:"))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default();
+                if receiver.hold.load(std::sync::atomic::Ordering::SeqCst) {
+                    receiver.held.lock().unwrap().push(id.clone());
+                    // Never answer: the sender stays mid-delivery.
+                    std::future::pending::<()>().await;
+                }
+                receiver.delivered.lock().unwrap().push(id);
+                let _ = socket
+                    .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+/// `kill -9` while webhook deliveries are in flight loses none: every
+/// message committed with its signup is delivered after a restart (at
+/// least once; the interrupted ones again, with the same `webhook-id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_delivery_loses_no_outbox_row() {
+    let db = TestDatabase::create(Backend::Sqlite).await;
+    let receiver = std::sync::Arc::new(Receiver::default());
+    receiver
+        .hold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let url = serve_receiver(receiver.clone()).await;
+    // A 1 s attempt timeout makes the lease 3 s, so the restarted server
+    // retries the interrupted deliveries quickly.
+    let env = [
+        ("FLYWHEEL_WEBHOOKS__REQUEST_TIMEOUT_SECS", "1"),
+        ("FLYWHEEL_WEBHOOKS__POLL_INTERVAL_MS", "100"),
+    ];
+    let mut served = Served::start_with(&db, &env);
+    let secret = served.key_from_banner("secret key:");
+    let client = served.client().with_key(&secret);
+    let (status, endpoint) = post_json(
+        &client,
+        reqwest::Method::POST,
+        "/v1/webhook-endpoints",
+        serde_json::json!({"url": url, "event_types": ["user.signed_up"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{endpoint}");
+    for i in 0..20 {
+        let (status, body) = post_json(
+            &client,
+            reqwest::Method::POST,
+            "/v1/signup",
+            serde_json::json!({"email": format!("user{i}@example.com"), "idempotency_key": format!("k{i}")}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let in_flight = within(Duration::from_secs(10), || async {
+        !receiver.held.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(in_flight, "deliveries reached the receiver");
+    served.signal("KILL");
+    let _ = served.child.wait();
+    drop(served);
+    let interrupted = receiver.held.lock().unwrap().clone();
+    assert!(receiver.delivered.lock().unwrap().is_empty());
+
+    receiver
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let restarted = Served::start_with(&db, &env);
+    let all_delivered = within(Duration::from_secs(30), || async {
+        let mut ids = receiver.delivered.lock().unwrap().clone();
+        ids.sort();
+        ids.dedup();
+        ids.len() == 20
+    })
+    .await;
+    assert!(
+        all_delivered,
+        "all 20 messages delivered after the restart: {:?}",
+        receiver.delivered.lock().unwrap()
+    );
+    let delivered = receiver.delivered.lock().unwrap().clone();
+    for id in &interrupted {
+        assert!(delivered.contains(id), "interrupted {id} was sent again");
+    }
+    let client = restarted.client().with_key(&secret);
+    let listed: Value = client
+        .send(client.request(reqwest::Method::GET, "/v1/webhook-deliveries?limit=100"))
+        .await
+        .unwrap();
+    let deliveries = listed["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 20, "{listed}");
+    assert!(
+        deliveries.iter().all(|d| d["status"] == "succeeded"),
+        "{listed}"
+    );
 }

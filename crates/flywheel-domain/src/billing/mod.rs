@@ -4,6 +4,7 @@
 //! * [`period`]: anchored usage periods.
 //! * [`org`]: an org's subscription, overrides, grants and usage, and the
 //!   rules over them (`check`, `consume`, `release`, metering, plan changes).
+//! * [`notice`]: what a write announces (webhooks, conversions).
 
 pub mod answer;
 pub mod catalog;
@@ -12,6 +13,7 @@ pub mod catalog;
 /// map) instead of SipHash, which dominated a `check`.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+pub mod notice;
 pub mod org;
 pub mod period;
 pub mod stripe;

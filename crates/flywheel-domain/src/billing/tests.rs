@@ -1062,3 +1062,142 @@ fn a_request_timed_before_the_org_was_created_lands_in_the_current_period() {
     // Reads behind the writer's clock see the current counter too.
     assert_eq!(used(&state, &c, "api_calls", "2027-01-31T09:59:59Z"), 5);
 }
+
+mod notices {
+    use super::*;
+    use crate::billing::notice::{billing_notices, BillingNotice};
+
+    fn types(notices: &[BillingNotice]) -> Vec<&str> {
+        notices
+            .iter()
+            .map(|notice| match notice {
+                BillingNotice::Webhook { event_type, .. } => *event_type,
+                BillingNotice::Converted { .. } => "converted",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn crossing_the_limit_announces_it_once() {
+        let c = catalog();
+        let mut state = org("2026-01-10T00:00:00Z");
+        assert!(consume(
+            &mut state,
+            &c,
+            "api_calls",
+            3,
+            "2026-01-11T00:00:00Z"
+        ));
+        let before = state.clone();
+        // 4 of 5: past the default warn_at (80 %), not yet at the limit.
+        assert!(consume(
+            &mut state,
+            &c,
+            "api_calls",
+            1,
+            "2026-01-11T00:00:01Z"
+        ));
+        let now = at("2026-01-11T00:00:01Z");
+        assert_eq!(
+            types(&billing_notices(&c, GRACE, &before, &state, now)),
+            ["usage.warning"]
+        );
+        let before = state.clone();
+        assert!(consume(
+            &mut state,
+            &c,
+            "api_calls",
+            1,
+            "2026-01-11T00:00:02Z"
+        ));
+        let now = at("2026-01-11T00:00:02Z");
+        let notices = billing_notices(&c, GRACE, &before, &state, now);
+        assert_eq!(types(&notices), ["usage.limit_reached"]);
+        let BillingNotice::Webhook { data, .. } = &notices[0] else {
+            unreachable!()
+        };
+        assert_eq!(data["used"], 5);
+        assert_eq!(data["limit"], 5);
+        assert_eq!(data["feature_name"], "API calls");
+        assert_eq!(data["resets_at"], "2026-02-10T00:00:00Z");
+        // A refused consume changes nothing and announces nothing.
+        let before = state.clone();
+        assert!(!consume(
+            &mut state,
+            &c,
+            "api_calls",
+            1,
+            "2026-01-11T00:00:03Z"
+        ));
+        assert!(billing_notices(&c, GRACE, &before, &state, at("2026-01-11T00:00:03Z")).is_empty());
+    }
+
+    #[test]
+    fn a_jump_straight_to_the_limit_announces_warning_and_limit() {
+        let c = catalog();
+        let mut state = org("2026-01-10T00:00:00Z");
+        let before = state.clone();
+        assert!(consume(&mut state, &c, "seats", 3, "2026-01-11T00:00:00Z"));
+        let notices = billing_notices(&c, GRACE, &before, &state, at("2026-01-11T00:00:00Z"));
+        assert_eq!(types(&notices), ["usage.warning", "usage.limit_reached"]);
+        let BillingNotice::Webhook { data, .. } = &notices[1] else {
+            unreachable!()
+        };
+        // Seats never reset.
+        assert_eq!(data["resets_at"], serde_json::Value::Null);
+        assert_eq!(data["period_start"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_upgrade_from_the_default_plan_is_a_conversion_and_lifts_nothing_spurious() {
+        let c = catalog();
+        let mut state = org("2026-01-10T00:00:00Z");
+        let before = state.clone();
+        change_plan(&mut state, &c, "pro", "2026-01-12T00:00:00Z");
+        let notices = billing_notices(&c, GRACE, &before, &state, at("2026-01-12T00:00:00Z"));
+        assert_eq!(types(&notices), ["subscription.changed", "converted"]);
+        let BillingNotice::Webhook { data, .. } = &notices[0] else {
+            unreachable!()
+        };
+        assert_eq!(data["previous_plan"], "free");
+        assert_eq!(data["plan"], "pro");
+        assert_eq!(data["upgrade"], true);
+        // pro → scale is a change but not a conversion (already off the free tier).
+        let before = state.clone();
+        change_plan(&mut state, &c, "scale", "2026-01-13T00:00:00Z");
+        let notices = billing_notices(&c, GRACE, &before, &state, at("2026-01-13T00:00:00Z"));
+        assert_eq!(types(&notices), ["subscription.changed"]);
+    }
+
+    #[test]
+    fn a_scheduled_downgrade_is_announced_when_scheduled_with_its_date() {
+        let c = catalog();
+        let mut state = org("2026-01-31T00:00:00Z");
+        change_plan(&mut state, &c, "pro", "2026-01-31T00:00:00Z");
+        let before = state.clone();
+        change_plan(&mut state, &c, "free", "2026-02-10T00:00:00Z");
+        let notices = billing_notices(&c, GRACE, &before, &state, at("2026-02-10T00:00:00Z"));
+        assert_eq!(types(&notices), ["subscription.changed"]);
+        let BillingNotice::Webhook { data, .. } = &notices[0] else {
+            unreachable!()
+        };
+        assert_eq!(data["plan"], "pro");
+        assert_eq!(data["scheduled"]["plan"], "free");
+        // Anchored on Jan 31: the period ends on Feb 28 (clamped).
+        assert_eq!(data["scheduled"]["at"], "2026-02-28T00:00:00Z");
+    }
+
+    #[test]
+    fn an_unchanged_state_announces_nothing() {
+        let c = catalog();
+        let state = org("2026-01-10T00:00:00Z");
+        assert!(billing_notices(
+            &c,
+            GRACE,
+            &state,
+            &state.clone(),
+            at("2026-03-01T00:00:00Z")
+        )
+        .is_empty());
+    }
+}

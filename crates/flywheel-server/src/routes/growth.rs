@@ -46,6 +46,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/users/{user_id}/referral-code", get(referral_code))
         .route("/v1/orgs/{org_id}/members", get(org_members))
         .route(
+            "/v1/orgs/{org_id}/members/{user_id}",
+            axum::routing::delete(remove_member),
+        )
+        .route(
             "/v1/orgs/{org_id}/invitations",
             get(list_invitations).post(create_invitations),
         )
@@ -417,6 +421,46 @@ pub async fn org_members(
         .org_members(auth.principal.project_id(), &org_id)
         .await?;
     Ok(Json(MembersView { org, members }))
+}
+
+/// Removes a member from an org and gives back their seat (a
+/// `membership.removed` webhook follows). The org's owner cannot be
+/// removed. The user keeps their account and other memberships.
+#[utoipa::path(delete, path = "/v1/orgs/{org_id}/members/{user_id}", tag = "growth",
+    security(("api_key" = [])),
+    params(("org_id" = String, Path), ("user_id" = String, Path)),
+    responses(
+        (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
+        (status = 200, description = "The membership that was removed", body = MembershipRecord),
+        (status = 404, description = "The user is not a member of the org (`membership_not_found`)", body = ErrorEnvelope),
+        (status = 409, description = "The user is the org's owner (`cannot_remove_owner`)", body = ErrorEnvelope),
+    ))]
+pub async fn remove_member(
+    State(state): State<AppState>,
+    auth: SecretKey,
+    Path((org_id, user_id)): Path<(String, String)>,
+) -> Result<Json<MembershipRecord>, ApiError> {
+    external_id("org_id", &org_id)?;
+    external_id("user_id", &user_id)?;
+    let project = auth.principal.project_id();
+    let commit = state
+        .store
+        .remove_member(
+            project,
+            &org_id,
+            &user_id,
+            &policy(&state.growth, &state.billing, &auth.principal),
+            state.clock.now(),
+        )
+        .await??;
+    after_commit(&state, project, commit.orgs);
+    commit.reply.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "membership_not_found",
+            format!("{user_id} is not a member of {org_id}"),
+        )
+    })
 }
 
 // ---- invitations -----------------------------------------------------------

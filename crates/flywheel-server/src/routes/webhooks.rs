@@ -39,6 +39,10 @@ pub const EVENT_TYPES: &[&str] = &[
     "invitation.revoked",
     "invite_link.created",
     "share_link.created",
+    "membership.removed",
+    "subscription.changed",
+    "usage.warning",
+    "usage.limit_reached",
 ];
 
 #[derive(Debug, Deserialize, ToSchema)]
