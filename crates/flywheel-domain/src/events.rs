@@ -115,6 +115,12 @@ impl Event {
                         user_id: user.clone(),
                     });
                 }
+                if !self.traits.is_empty() {
+                    effects.push(Effect::SetTraits {
+                        distinct_id: self.distinct_id().to_string(),
+                        traits: self.traits.clone(),
+                    });
+                }
             }
             EventType::Alias => {
                 let previous = self.previous_id.as_ref().or(self.anonymous_id.as_ref());
@@ -155,6 +161,11 @@ pub enum Effect {
     JoinOrg { distinct_id: String, org_id: String },
     /// The event broke its schema (`warn` mode): keep it for review.
     RecordSchemaViolation { problems: Vec<String> },
+    /// `identify` traits, merged into the person's (flag context enrichment).
+    SetTraits {
+        distinct_id: String,
+        traits: Map<String, Value>,
+    },
 }
 
 /// What the ingestion pipeline decided for one decoded event.
@@ -759,10 +770,16 @@ mod tests {
         assert_eq!(event.event, "$identify");
         assert_eq!(
             event.effects(),
-            vec![Effect::LinkIdentity {
-                alias: "a1".into(),
-                user_id: "42".into()
-            }]
+            vec![
+                Effect::LinkIdentity {
+                    alias: "a1".into(),
+                    user_id: "42".into()
+                },
+                Effect::SetTraits {
+                    distinct_id: "42".into(),
+                    traits: json!({"plan": "free"}).as_object().unwrap().clone(),
+                }
+            ]
         );
     }
 
@@ -891,10 +908,16 @@ mod tests {
         assert_eq!(event.traits["email"], "a@b.c");
         assert_eq!(
             event.effects(),
-            vec![Effect::LinkIdentity {
-                alias: "anon-1".into(),
-                user_id: "user-1".into()
-            }]
+            vec![
+                Effect::LinkIdentity {
+                    alias: "anon-1".into(),
+                    user_id: "user-1".into()
+                },
+                Effect::SetTraits {
+                    distinct_id: "user-1".into(),
+                    traits: json!({"email": "a@b.c"}).as_object().unwrap().clone(),
+                }
+            ]
         );
 
         let alias = json!({"event": "$create_alias", "distinct_id": "user-1", "properties": {"alias": "other"}});

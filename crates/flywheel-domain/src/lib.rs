@@ -6,6 +6,7 @@
 
 pub mod billing;
 pub mod clock;
+pub mod enrichment;
 pub mod error;
 pub mod events;
 pub mod flags;

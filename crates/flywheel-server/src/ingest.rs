@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flywheel_domain::events::{prepare, Event, Prepared, Rejection};
+use flywheel_domain::events::{prepare, Event, EventType, Prepared, Rejection};
 use flywheel_domain::project::KeyId;
 use flywheel_domain::snapshot::ProjectConfig;
 use flywheel_store::{Billing, CommitResult, EncodedEvent, EventBatch, Store, StoreError};
@@ -54,6 +54,8 @@ pub struct Committer {
     grace: chrono::Duration,
     /// Woken after every commit (for live tails on this node).
     pub committed: Arc<Notify>,
+    /// Forgets the profiles `identify` and `group` events change.
+    profiles: Arc<crate::enrichment::ProfileCache>,
 }
 
 impl Committer {
@@ -61,6 +63,7 @@ impl Committer {
     pub fn spawn(
         store: Arc<dyn Store>,
         orgs: Arc<OrgCache>,
+        profiles: Arc<crate::enrichment::ProfileCache>,
         grace: chrono::Duration,
         max_events: usize,
         cancel: CancellationToken,
@@ -80,6 +83,7 @@ impl Committer {
                 jobs,
                 grace,
                 committed,
+                profiles,
             },
             task,
         )
@@ -100,6 +104,20 @@ impl Committer {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        // Whose profile these events change (traits, orgs), to forget once
+        // they are committed.
+        let touched: Vec<String> = events
+            .iter()
+            .filter(|encoded| matches!(encoded.event.kind, EventType::Identify | EventType::Group))
+            .flat_map(|encoded| {
+                encoded
+                    .event
+                    .user_id
+                    .iter()
+                    .chain(encoded.event.anonymous_id.iter())
+                    .cloned()
+            })
+            .collect();
         let (reply, answer) = oneshot::channel();
         let job = Job {
             batch: EventBatch {
@@ -118,7 +136,12 @@ impl Committer {
         };
         self.jobs.send(job).await.map_err(|_| unavailable())?;
         match answer.await.map_err(|_| unavailable())? {
-            Ok(results) => Ok(results),
+            Ok(results) => {
+                for id in &touched {
+                    self.profiles.forget(project, id);
+                }
+                Ok(results)
+            }
             Err(CommitFailure::Unavailable) => Err(ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

@@ -30,6 +30,7 @@ use tower_http::trace::TraceLayer;
 
 pub mod auth;
 pub mod billing;
+pub mod enrichment;
 pub mod error;
 pub mod growth;
 pub mod ingest;
@@ -111,9 +112,13 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             .context("cannot load configuration")?,
     );
     let background = CancellationToken::new();
+    let profiles = Arc::new(enrichment::ProfileCache::new(Duration::from_millis(
+        settings.flags.enrichment_ttl_ms,
+    )));
     let (committer, committer_task) = ingest::Committer::spawn(
         store.clone(),
         snapshot.orgs.clone(),
+        profiles.clone(),
         settings.billing.grace(),
         settings.ingest.group_commit_max_events,
         background.clone(),
@@ -165,6 +170,8 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         share_resolve_limiter: growth::IpLimiter::new(
             settings.growth.share_resolves_per_minute_per_ip,
         ),
+        flags: Arc::new(settings.flags.clone()),
+        profiles,
     });
     let listener = TcpListener::bind(settings.bind)
         .await

@@ -165,12 +165,21 @@ impl Default for IngestSettings {
 pub struct FlagSettings {
     /// OFREP evaluation requests per second one key may make.
     pub rate_limit_per_key: u32,
+    /// Add what Flywheel knows of the `targetingKey`'s user (org, plan,
+    /// entitlements, signup, acquisition source, traits) to OFREP contexts.
+    pub enrichment: bool,
+    /// How long a node reuses a user's profile before reading it again
+    /// (bounds how late another node's writes are seen; this node's own
+    /// writes are seen at once).
+    pub enrichment_ttl_ms: u64,
 }
 
 impl Default for FlagSettings {
     fn default() -> Self {
         Self {
             rate_limit_per_key: 100_000,
+            enrichment: true,
+            enrichment_ttl_ms: 5000,
         }
     }
 }

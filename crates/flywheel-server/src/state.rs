@@ -56,6 +56,9 @@ pub struct Shared {
     /// Wakes the webhook and email senders after an outbox write.
     pub outbox_signal: Arc<OutboxSignal>,
     pub share_resolve_limiter: IpLimiter,
+    pub flags: Arc<crate::settings::FlagSettings>,
+    /// Users' profiles for flag-context enrichment.
+    pub profiles: Arc<crate::enrichment::ProfileCache>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -21,6 +21,7 @@ flywheel_store::for_each_backend!(
     ofrep_evaluates_single_flags_with_reasons_and_errors,
     ofrep_bulk_answers_every_flag_with_an_etag,
     snapshot_and_stream_follow_changes,
+    known_users_are_enriched_and_the_caller_wins,
 );
 
 struct App {
@@ -708,4 +709,142 @@ async fn exposures_are_recorded_once_per_user_flag_variant_and_day() {
         (StatusCode::BAD_REQUEST, Some("INVALID_CONTEXT"))
     );
     drop(started.server);
+}
+
+/// A known `targetingKey` brings its org, plan, boolean entitlements,
+/// signup age, acquisition source and `identify` traits into the context;
+/// this node's own writes show at once; what the caller sends wins.
+async fn known_users_are_enriched_and_the_caller_wins(backend: Backend) {
+    let app = spawn(backend).await;
+    let s = &app.secret;
+    let (status, _) = call(s, Method::PUT, "/v1/catalog", Some(json!({
+        "features": [{"key": "sso", "kind": "boolean"}],
+        "plans": [
+            {"key": "free", "default": true, "features": {}},
+            {"key": "pro", "price": {"amount": 2900, "currency": "usd"}, "features": {"sso": {}}}
+        ]
+    }))).await;
+    assert_eq!(status, StatusCode::OK);
+    let onboarding = json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+        "defaultVariant": "off",
+        "targeting": {"if": [{"and": [
+            {"==": [{"var": "plan"}, "free"]},
+            {"<": [{"var": "days_since_signup"}, 14]},
+            {"==": [{"var": "acquisition_source"}, "organic"]},
+            {">=": [{"var": "traits.company_size"}, 40]}
+        ]}, "on", "off"]}});
+    let (status, _) = call(s, Method::PUT, "/v1/flags/new-onboarding", Some(onboarding)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let sso = json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+        "defaultVariant": "off",
+        "targeting": {"if": [{"var": "entitlements.sso"}, "on", "off"]}});
+    let (status, _) = call(s, Method::PUT, "/v1/flags/sso-banner", Some(sso)).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let evaluate = |key: &'static str, context: Value| {
+        let request = app
+            .publishable
+            .request(Method::POST, &format!("/ofrep/v1/evaluate/flags/{key}"))
+            .json(&json!({"context": context}));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.json::<Value>().await.unwrap();
+            body["variant"].as_str().unwrap().to_owned()
+        }
+    };
+    // Unknown yet: nothing to enrich with.
+    assert_eq!(
+        evaluate("new-onboarding", json!({"targetingKey": "alice"})).await,
+        "off"
+    );
+
+    let (status, signup) = call(
+        s,
+        Method::POST,
+        "/v1/signup",
+        Some(json!({
+            "user_id": "alice", "email": "alice@example.com", "idempotency_key": "a"
+        })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{signup}");
+    let org = signup["org"]["org_id"].as_str().unwrap().to_owned();
+    let identify = |size: i64| json!({"batch": [{"type": "identify", "user_id": "alice", "traits": {"company_size": size}}]});
+    let (status, _) = call(
+        &app.publishable,
+        Method::POST,
+        "/v1/events",
+        Some(identify(40)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // The signup and the identify were written through this node: seen at once.
+    assert_eq!(
+        evaluate("new-onboarding", json!({"targetingKey": "alice"})).await,
+        "on"
+    );
+    // What the caller sends wins over what Flywheel knows.
+    assert_eq!(
+        evaluate(
+            "new-onboarding",
+            json!({"targetingKey": "alice", "plan": "pro"})
+        )
+        .await,
+        "off"
+    );
+    assert_eq!(
+        evaluate(
+            "new-onboarding",
+            json!({"targetingKey": "alice", "traits": {"company_size": 2}})
+        )
+        .await,
+        "off"
+    );
+    let (status, _) = call(
+        &app.publishable,
+        Method::POST,
+        "/v1/events",
+        Some(identify(12)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        evaluate("new-onboarding", json!({"targetingKey": "alice"})).await,
+        "off"
+    );
+
+    // Entitlements follow the org's plan as soon as it changes.
+    assert_eq!(
+        evaluate("sso-banner", json!({"targetingKey": "alice"})).await,
+        "off"
+    );
+    let (status, _) = call(
+        s,
+        Method::POST,
+        &format!("/v1/orgs/{org}/subscription"),
+        Some(json!({"plan": "pro"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        evaluate("sso-banner", json!({"targetingKey": "alice"})).await,
+        "on"
+    );
+    // The bulk endpoint enriches the same way.
+    let response = app
+        .publishable
+        .request(Method::POST, "/ofrep/v1/evaluate/flags")
+        .json(&json!({"context": {"targetingKey": "alice"}}))
+        .send()
+        .await
+        .unwrap();
+    let bulk: Value = response.json().await.unwrap();
+    let banner = bulk["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["key"] == "sso-banner")
+        .unwrap();
+    assert_eq!(banner["variant"], "on");
 }

@@ -668,6 +668,14 @@ pub trait GrowthStore: Send + Sync {
         query: &DeliveryQuery,
     ) -> Result<Vec<DeliveryRecord>, crate::StoreError>;
     /// Schedules a delivery again now, whatever its state.
+    /// What Flywheel knows of a user for flag-context enrichment: signup,
+    /// attribution, orgs (memberships, then `group` calls) and `identify`
+    /// traits. `None` when nothing is known.
+    async fn user_profile(
+        &self,
+        project: ProjectId,
+        user_id: &str,
+    ) -> Result<Option<flywheel_domain::enrichment::UserProfile>, crate::StoreError>;
     /// Deletes what outbound work is done with and older than `older_than`:
     /// messages none of whose deliveries is still pending (with their
     /// deliveries), sent or failed emails, and signup idempotency keys.

@@ -2493,6 +2493,61 @@ macro_rules! growth_store_impl {
                         .collect()
                 }
 
+                async fn user_profile(
+                    &self,
+                    project: ProjectId,
+                    user_id: &str,
+                ) -> Result<Option<flywheel_domain::enrichment::UserProfile>, StoreError> {
+                    let mut conn = self.g_reader().acquire().await?;
+                    let mut profile = flywheel_domain::enrichment::UserProfile {
+                        user_id: user_id.to_owned(),
+                        ..Default::default()
+                    };
+                    if let Some(user) = user_in(&mut conn, project, user_id).await? {
+                        profile.signed_up_at = Some(user.created_at);
+                        profile.acquisition_source =
+                            Some(user.attribution.acquisition_source.as_str().to_owned());
+                    }
+                    let rows = sqlx::query(
+                        "SELECT org_id FROM memberships WHERE project_id = $1 AND user_id = $2 \
+                         ORDER BY created_at, org_id",
+                    )
+                    .bind(g_project(project))
+                    .bind(user_id)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    for row in rows {
+                        profile.org_ids.push(row.try_get("org_id")?);
+                    }
+                    let rows = sqlx::query(
+                        "SELECT org_id FROM org_members WHERE project_id = $1 AND distinct_id = $2 \
+                         ORDER BY joined_at, org_id",
+                    )
+                    .bind(g_project(project))
+                    .bind(user_id)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    for row in rows {
+                        let org: String = row.try_get("org_id")?;
+                        if !profile.org_ids.contains(&org) {
+                            profile.org_ids.push(org);
+                        }
+                    }
+                    let traits = sqlx::query(
+                        "SELECT traits FROM person_traits WHERE project_id = $1 AND distinct_id = $2",
+                    )
+                    .bind(g_project(project))
+                    .bind(user_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if let Some(row) = traits {
+                        if let serde_json::Value::Object(traits) = g_read_json(&row, "traits")? {
+                            profile.traits = traits;
+                        }
+                    }
+                    Ok((!profile.is_empty()).then_some(profile))
+                }
+
                 async fn prune_outbound(&self, older_than: DateTime<Utc>) -> Result<PrunedOutbound, StoreError> {
                     let mut tx = self.g_begin().await?;
                     let deliveries = sqlx::query(

@@ -618,6 +618,29 @@ pub(crate) fn plan_flag_version(
     }
 }
 
+/// The `person_traits` rows a batch writes: each person's stored traits
+/// with the batch's `identify` traits merged in commit order.
+pub(crate) fn plan_traits(
+    sets: &[(String, serde_json::Map<String, serde_json::Value>)],
+    mut stored: HashMap<String, serde_json::Map<String, serde_json::Value>>,
+) -> Vec<(String, serde_json::Map<String, serde_json::Value>)> {
+    let mut order = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (id, update) in sets {
+        flywheel_domain::enrichment::merge_traits(stored.entry(id.clone()).or_default(), update);
+        if seen.insert(id.clone()) {
+            order.push(id.clone());
+        }
+    }
+    order
+        .into_iter()
+        .map(|id| {
+            let traits = stored.remove(&id).unwrap_or_default();
+            (id, traits)
+        })
+        .collect()
+}
+
 /// Runs org requests against states loaded and locked by the backend.
 /// `replies` holds what earlier requests stored under each idempotency key
 /// (fingerprint, reply); new ones are added. Returns one result per request.

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::{
     apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
-    plan_links, plan_org_write, redact_url, run_org_requests, timed, Backend, Billing,
+    plan_links, plan_org_write, plan_traits, redact_url, run_org_requests, timed, Backend, Billing,
     CatalogVersion, CommitResult, ConfigChanges, ConfigListener, ConfigSignal, EncodedEvent,
     EventBatch, EventCommit, EventQuery, OpenError, OrgCommit, OrgRequest, SchemaViolation, Store,
     StoreError, StoreOptions, StoredEvent, MAX_LINK_DEPTH,
@@ -370,6 +370,7 @@ async fn apply_effects(
     let mut links = Vec::new();
     let mut joins = Vec::new();
     let mut violations = Vec::new();
+    let mut traits = Vec::new();
     for (_, event) in fresh {
         for effect in event.effects() {
             match effect {
@@ -379,8 +380,15 @@ async fn apply_effects(
                     org_id,
                 } => joins.push((org_id, distinct_id, event.received_at)),
                 Effect::RecordSchemaViolation { problems } => violations.push((*event, problems)),
+                Effect::SetTraits {
+                    distinct_id,
+                    traits: set,
+                } => traits.push((distinct_id, set)),
             }
         }
+    }
+    if !traits.is_empty() {
+        apply_traits(tx, project, &traits, fresh[0].1.received_at).await?;
     }
     if !links.is_empty() {
         let mut known = HashMap::new();
@@ -456,6 +464,51 @@ async fn apply_effects(
         .bind(event.received_at)
         .execute(&mut *tx)
         .await?;
+    }
+    Ok(())
+}
+
+/// Merges a batch's `identify` traits into `person_traits` (see the SQLite
+/// twin). The project's `event_sequences` row, locked by the batch, keeps
+/// concurrent batches from merging over each other.
+async fn apply_traits(
+    tx: &mut PgConnection,
+    project: Uuid,
+    sets: &[(String, serde_json::Map<String, serde_json::Value>)],
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut ids: Vec<String> = sets.iter().map(|(id, _)| id.clone()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut stored = HashMap::new();
+    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT distinct_id, traits FROM person_traits WHERE project_id = $1 AND distinct_id = ANY($2)",
+    )
+    .bind(project)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, traits) in rows {
+        if let serde_json::Value::Object(traits) = traits {
+            stored.insert(id, traits);
+        }
+    }
+    let planned = plan_traits(sets, stored);
+    for chunk in planned.chunks(ROWS_PER_STATEMENT / 4) {
+        let mut query = QueryBuilder::<Postgres>::new(
+            "INSERT INTO person_traits (project_id, distinct_id, traits, updated_at) ",
+        );
+        query.push_values(chunk, |mut row, (id, traits)| {
+            row.push_bind(project)
+                .push_bind(id)
+                .push_bind(serde_json::Value::Object(traits.clone()))
+                .push_bind(at);
+        });
+        query.push(
+            " ON CONFLICT (project_id, distinct_id) DO UPDATE SET traits = excluded.traits, \
+             updated_at = excluded.updated_at",
+        );
+        query.build().execute(&mut *tx).await?;
     }
     Ok(())
 }
@@ -941,6 +994,11 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query("DELETE FROM org_members WHERE project_id = $1 AND distinct_id = ANY($2)")
+                .bind(project.0)
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM person_traits WHERE project_id = $1 AND distinct_id = ANY($2)")
                 .bind(project.0)
                 .bind(ids)
                 .execute(&mut *tx)

@@ -31,10 +31,10 @@ use uuid::Uuid;
 
 use crate::{
     apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
-    plan_links, plan_org_write, run_org_requests, timed, Backend, Billing, CatalogVersion,
-    CommitResult, ConfigChanges, ConfigListener, EncodedEvent, EventBatch, EventCommit, EventQuery,
-    OpenError, OrgCommit, OrgRequest, SchemaViolation, Store, StoreError, StoreOptions,
-    StoredEvent, MAX_LINK_DEPTH,
+    plan_links, plan_org_write, plan_traits, run_org_requests, timed, Backend, Billing,
+    CatalogVersion, CommitResult, ConfigChanges, ConfigListener, EncodedEvent, EventBatch,
+    EventCommit, EventQuery, OpenError, OrgCommit, OrgRequest, SchemaViolation, Store, StoreError,
+    StoreOptions, StoredEvent, MAX_LINK_DEPTH,
 };
 use flywheel_domain::billing::org::{MeterInput, MeterReading, OrgState, UsageCounter, UsageGrant};
 use flywheel_domain::billing::Reply;
@@ -424,6 +424,7 @@ async fn apply_effects(
     let mut links = Vec::new();
     let mut joins = Vec::new();
     let mut violations = Vec::new();
+    let mut traits = Vec::new();
     for (_, event) in fresh {
         for effect in event.effects() {
             match effect {
@@ -433,8 +434,15 @@ async fn apply_effects(
                     org_id,
                 } => joins.push((org_id, distinct_id, event.received_at)),
                 Effect::RecordSchemaViolation { problems } => violations.push((*event, problems)),
+                Effect::SetTraits {
+                    distinct_id,
+                    traits: set,
+                } => traits.push((distinct_id, set)),
             }
         }
+    }
+    if !traits.is_empty() {
+        apply_traits(tx, project, &traits, fresh[0].1.received_at).await?;
     }
     if !links.is_empty() {
         let mut known = HashMap::new();
@@ -510,6 +518,61 @@ async fn apply_effects(
         .bind(event.received_at.timestamp_micros())
         .execute(&mut *tx)
         .await?;
+    }
+    Ok(())
+}
+
+/// Merges a batch's `identify` traits into `person_traits`: the stored
+/// rows of the batch's people are read, merged in memory in commit order
+/// (`plan_traits`) and written back, a few statements per batch.
+async fn apply_traits(
+    tx: &mut SqliteConnection,
+    project: &str,
+    sets: &[(String, serde_json::Map<String, serde_json::Value>)],
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut ids: Vec<&str> = sets.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut stored = HashMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT distinct_id, traits FROM person_traits WHERE project_id = ",
+        );
+        query.push_bind(project).push(" AND distinct_id IN (");
+        let mut list = query.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        query.push(")");
+        for (id, traits) in query
+            .build_query_as::<(String, String)>()
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            stored.insert(id, from_json_text(&traits)?);
+        }
+    }
+    let planned = plan_traits(sets, stored);
+    for chunk in planned.chunks(ROWS_PER_STATEMENT / 4) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (id, traits) in chunk {
+            rows.push((id, json_text(traits)?));
+        }
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO person_traits (project_id, distinct_id, traits, updated_at) ",
+        );
+        query.push_values(rows, |mut row, (id, traits)| {
+            row.push_bind(project)
+                .push_bind(id)
+                .push_bind(traits)
+                .push_bind(at.timestamp_micros());
+        });
+        query.push(
+            " ON CONFLICT (project_id, distinct_id) DO UPDATE SET traits = excluded.traits, \
+             updated_at = excluded.updated_at",
+        );
+        query.build().execute(&mut *tx).await?;
     }
     Ok(())
 }
@@ -1003,6 +1066,11 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("DELETE FROM org_members WHERE project_id = ? AND distinct_id = ?")
+                    .bind(&project)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM person_traits WHERE project_id = ? AND distinct_id = ?")
                     .bind(&project)
                     .bind(id)
                     .execute(&mut *tx)

@@ -228,6 +228,11 @@ async fn signup_creates_user_org_membership_and_outbox_in_one_transaction(backen
     let (profile, members) = store.org_members(p, "org-alice").await.unwrap();
     assert_eq!(profile.unwrap().owner_user_id.as_deref(), Some("alice"));
     assert_eq!(members.len(), 1);
+    // What flag-context enrichment reads of her.
+    let known = store.user_profile(p, "alice").await.unwrap().unwrap();
+    assert_eq!(known.signed_up_at, Some(at(10)));
+    assert_eq!(known.acquisition_source.as_deref(), Some("organic"));
+    assert_eq!(known.org_ids, ["org-alice"]);
 }
 
 async fn signup_is_idempotent_and_refuses_duplicates(backend: Backend) {

@@ -36,6 +36,7 @@ flywheel_store::for_each_backend!(
     concurrent_retries_of_the_same_events_store_each_once,
     settings_and_schemas_are_part_of_the_config,
     deleted_people_are_gone_and_stay_gone,
+    identify_traits_merge_into_the_profile_and_go_with_the_person,
     flag_versions_are_appended_compiled_into_the_config_and_restorable,
 );
 
@@ -958,4 +959,64 @@ async fn flag_versions_are_appended_compiled_into_the_config_and_restorable(back
         4
     );
     assert!(store.latest_config_seq().await.unwrap() >= 4);
+}
+
+async fn identify_traits_merge_into_the_profile_and_go_with_the_person(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = project("p", at(0));
+    store.create_project(&p, &[]).await.unwrap();
+    assert_eq!(store.user_profile(p.id, "user-t").await.unwrap(), None);
+    let with_traits = |traits: serde_json::Value, seconds| {
+        let mut identify = event(
+            EventType::Identify,
+            "$identify",
+            Some("user-t"),
+            None,
+            seconds,
+        );
+        identify.traits = traits.as_object().unwrap().clone();
+        identify
+    };
+    // Two identifies in one batch merge in order; a later batch merges on
+    // top, and null removes a trait.
+    let first = with_traits(serde_json::json!({"plan": "free", "company": "Acme"}), 1);
+    store
+        .commit_events(&[batch(
+            &p,
+            vec![
+                first.clone(),
+                with_traits(serde_json::json!({"plan": "trial", "seats": 3}), 2),
+            ],
+        )])
+        .await
+        .unwrap();
+    let mut group = event(EventType::Group, "$group", Some("user-t"), None, 3);
+    group.org_id = Some("acme".into());
+    store
+        .commit_events(&[batch(
+            &p,
+            vec![
+                group,
+                with_traits(serde_json::json!({"company": null, "role": "admin"}), 4),
+            ],
+        )])
+        .await
+        .unwrap();
+    // A retry of the first identify is a duplicate: it changes no trait.
+    store
+        .commit_events(&[batch(&p, vec![first])])
+        .await
+        .unwrap();
+    let profile = store.user_profile(p.id, "user-t").await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::Value::Object(profile.traits),
+        serde_json::json!({"plan": "trial", "seats": 3, "role": "admin"})
+    );
+    assert_eq!(profile.org_ids, ["acme"]);
+    assert_eq!(profile.signed_up_at, None, "known from events only");
+    store
+        .delete_person(p.id, &["user-t".to_owned()], at(10))
+        .await
+        .unwrap();
+    assert_eq!(store.user_profile(p.id, "user-t").await.unwrap(), None);
 }

@@ -325,6 +325,7 @@ pub async fn signup(
             outcome => {
                 let commit = outcome??;
                 after_commit(&state, project, commit.orgs);
+                state.profiles.forget(project, &commit.reply.user.user_id);
                 return Ok(Json(commit.reply));
             }
         }
@@ -454,6 +455,7 @@ pub async fn remove_member(
         )
         .await??;
     after_commit(&state, project, commit.orgs);
+    state.profiles.forget(project, &user_id);
     commit.reply.map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -942,6 +944,7 @@ pub async fn accept_invitation(
         })
         .await??;
     after_commit(&state, project, commit.orgs);
+    state.profiles.forget(project, &commit.reply.user_id);
     Ok(Json(commit.reply))
 }
 
@@ -1217,6 +1220,7 @@ pub async fn join_invite_link(
         })
         .await??;
     after_commit(&state, project, commit.orgs);
+    state.profiles.forget(project, &commit.reply.user_id);
     Ok(Json(commit.reply))
 }
 

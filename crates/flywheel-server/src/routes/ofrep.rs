@@ -298,8 +298,10 @@ fn success<'f>(resolution: &Resolution<'f>) -> OfrepSuccess<'f> {
 }
 
 /// Evaluates one flag for the context (`{"context": {"targetingKey": …, …}}`).
-/// Values the caller sends are the whole context; `$flagd.flagKey` and
-/// `$flagd.timestamp` are added by the server.
+/// When the `targetingKey` is a user Flywheel knows, the context is
+/// enriched (`org_id`, `plan`, `entitlements`, `signed_up_at`,
+/// `days_since_signup`, `acquisition_source`, `traits`); values the caller
+/// sends win. `$flagd.flagKey` and `$flagd.timestamp` are added too.
 #[utoipa::path(post, path = "/ofrep/v1/evaluate/flags/{key}", tag = "ofrep",
     security(("api_key" = [])),
     params(("key" = String, Path, description = "Flag key"), ExposureQuery),
@@ -325,6 +327,7 @@ pub async fn evaluate_flag(
         Ok(request) => request,
         Err(refused) => return *refused,
     };
+    let context = crate::enrichment::enrich(&state, &auth.principal, context).await;
     let flags = &auth.principal.project.flags;
     if flags.needs_targeting_key(&key) && !has_targeting_key(&context) {
         return failure(
@@ -393,6 +396,7 @@ pub async fn evaluate_flags(
         Ok(request) => request,
         Err(refused) => return *refused,
     };
+    let context = crate::enrichment::enrich(&state, &auth.principal, context).await;
     let flags = &auth.principal.project.flags;
     let targeting_key = has_targeting_key(&context);
     let mut results = Vec::with_capacity(flags.len());

@@ -252,6 +252,9 @@ pub async fn delete_user(
         .store
         .delete_person(project, &ids, state.clock.now())
         .await?;
+    for id in &ids {
+        state.profiles.forget(project, id);
+    }
     Ok(Json(DeletedUser {
         ids,
         events_deleted,
