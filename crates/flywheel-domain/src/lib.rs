@@ -4,6 +4,7 @@
 //! [`clock::Clock`], randomness through an `RngCore`), so the server and the
 //! SDKs share it and it is unit-tested without a database or a network.
 
+pub mod activation;
 pub mod billing;
 pub mod clock;
 pub mod enrichment;
