@@ -71,6 +71,7 @@ fn fixture() -> Fixture {
                 flag_entries: Vec::new(),
                 catalog: Default::default(),
                 catalog_version: 0,
+                activation: Default::default(),
             }
         })
         .collect();

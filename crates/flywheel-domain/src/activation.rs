@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::DomainError;
 
 /// Whose progress a rule follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Scope {
@@ -24,6 +24,46 @@ pub enum Scope {
     User,
     /// The event's org (`org_id`).
     Org,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::User => "user",
+            Scope::Org => "org",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Scope> {
+        match text {
+            "user" => Some(Scope::User),
+            "org" => Some(Scope::Org),
+            _ => None,
+        }
+    }
+}
+
+/// A rule reached by a user or an org: recorded once, by the event that
+/// crossed the threshold, in that event's transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Milestone {
+    pub rule: String,
+    pub scope: Scope,
+    pub subject_id: String,
+    pub reached_at: DateTime<Utc>,
+    /// Where the window and time-to-value are measured from: the signup
+    /// (or, for a subject Flywheel did not sign up, its first counted event).
+    pub signed_up_at: DateTime<Utc>,
+    /// Time to value: `reached_at - signed_up_at`, in seconds.
+    pub seconds_to_value: i64,
+    /// The event that crossed the threshold.
+    pub event_id: uuid::Uuid,
+    pub event: String,
+    /// Its count at the crossing.
+    pub count: i64,
+    /// This rule is the project's activation definition.
+    pub activation: bool,
 }
 
 /// How a rule's conditions combine.
@@ -294,6 +334,66 @@ impl ActivationRule {
             && self.is_reached(after)
             && self.is_within_window(signed_up_at, at)
     }
+}
+
+/// Fixes derived event ids: one per project, subject, rule and event name,
+/// so the same milestone can never add its events twice.
+const DERIVED_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x3b0c_51d7_8e2a_4f61_9c0d_a4e7_2b18_f5c9);
+
+/// The events a new milestone adds to the stream, right after the event
+/// that crossed it: `activation_threshold_crossed` (`rule`, `event`,
+/// `count`, `scope`, `seconds_to_value`) and, for the activation
+/// definition, `$activated`. They carry the crossing event's user, org
+/// and time.
+pub fn derived_events(
+    project: crate::project::ProjectId,
+    milestone: &Milestone,
+    crossing: &crate::events::Event,
+) -> Vec<crate::events::Event> {
+    use crate::events::{Event, EventType, Source};
+    let make = |name: &str| {
+        let id = format!(
+            "{}/{}/{}/{}/{name}",
+            project.0,
+            milestone.scope.as_str(),
+            milestone.subject_id,
+            milestone.rule
+        );
+        let mut properties = serde_json::Map::new();
+        properties.insert("rule".into(), milestone.rule.clone().into());
+        properties.insert("event".into(), milestone.event.clone().into());
+        properties.insert("count".into(), milestone.count.into());
+        properties.insert("scope".into(), milestone.scope.as_str().into());
+        properties.insert("seconds_to_value".into(), milestone.seconds_to_value.into());
+        Event {
+            event_id: uuid::Uuid::new_v5(&DERIVED_NAMESPACE, id.as_bytes()),
+            event_id_generated: false,
+            kind: EventType::Track,
+            event: name.to_owned(),
+            user_id: crossing.user_id.clone(),
+            anonymous_id: crossing.anonymous_id.clone(),
+            org_id: crossing.org_id.clone(),
+            previous_id: None,
+            timestamp: crossing.timestamp,
+            original_timestamp: None,
+            sent_at: None,
+            received_at: crossing.received_at,
+            skew_corrected: false,
+            future_clamped: false,
+            properties,
+            traits: serde_json::Map::new(),
+            context: serde_json::Map::new(),
+            schema_version: None,
+            source: Source::Derived,
+            schema_violations: Vec::new(),
+        }
+    };
+    let mut events = vec![make("activation_threshold_crossed")];
+    if milestone.activation {
+        events.push(make("$activated"));
+    }
+    events
 }
 
 #[cfg(test)]

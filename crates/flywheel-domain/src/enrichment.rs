@@ -13,7 +13,9 @@
 //!   `$flagd.timestamp`), and `days_since_signup` (whole days);
 //! * `acquisition_source`: `organic`, `invite`, `invite_link`, `share`,
 //!   `referral` or `paid`;
-//! * `traits`: the user's traits, merged from `identify` calls.
+//! * `traits`: the user's traits, merged from `identify` calls;
+//! * `activated` (the activation rule is reached) and `milestones`
+//!   (`{rule: true}` for each rule reached by the user or their org).
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,12 +34,21 @@ pub struct UserProfile {
     /// Memberships first (oldest first), then orgs joined by `group` events.
     pub org_ids: Vec<String>,
     pub traits: Map<String, Value>,
+    /// Rules reached by the user or by their first org (`milestones.<rule>`).
+    #[serde(default)]
+    pub milestones: Vec<String>,
+    /// One of those is the project's activation definition.
+    #[serde(default)]
+    pub activated: bool,
 }
 
 impl UserProfile {
     /// Nothing is known: nothing to add.
     pub fn is_empty(&self) -> bool {
-        self.signed_up_at.is_none() && self.org_ids.is_empty() && self.traits.is_empty()
+        self.signed_up_at.is_none()
+            && self.org_ids.is_empty()
+            && self.traits.is_empty()
+            && self.milestones.is_empty()
     }
 
     /// The org the context is about: the caller's `org_id`, else the
@@ -81,6 +92,15 @@ pub fn enrich_context(
     }
     if !profile.traits.is_empty() {
         add("traits", Value::Object(profile.traits.clone()));
+    }
+    if profile.signed_up_at.is_some() || !profile.milestones.is_empty() {
+        add("activated", Value::Bool(profile.activated));
+        let reached: Map<String, Value> = profile
+            .milestones
+            .iter()
+            .map(|rule| (rule.clone(), Value::Bool(true)))
+            .collect();
+        add("milestones", Value::Object(reached));
     }
     let Some(org) = org else {
         return;
@@ -151,6 +171,8 @@ mod tests {
             acquisition_source: Some("referral".into()),
             org_ids: vec!["acme".into(), "side".into()],
             traits: json!({"company_size": 40}).as_object().unwrap().clone(),
+            milestones: Vec::new(),
+            activated: false,
         }
     }
 
@@ -192,7 +214,9 @@ mod tests {
                 "signed_up_at": at("2026-03-01T12:00:00Z").timestamp(),
                 "days_since_signup": 13,
                 "acquisition_source": "referral",
-                "traits": {"company_size": 40}
+                "traits": {"company_size": 40},
+                "activated": false,
+                "milestones": {}
             })
         );
     }

@@ -61,6 +61,8 @@ pub enum Source {
     Native,
     Segment,
     Posthog,
+    /// Recorded by Flywheel itself (e.g. `activation_threshold_crossed`).
+    Derived,
 }
 
 /// The normalised envelope: what is stored, whatever the wire shape.
@@ -980,6 +982,7 @@ mod tests {
             flag_entries: Vec::new(),
             catalog: Default::default(),
             catalog_version: 0,
+            activation: Default::default(),
         };
         let raw = json!({"event": "signup", "user_id": "u", "context": {"ip": "10.1.2.3"},
                          "properties": {"note": "a@b.co"}});

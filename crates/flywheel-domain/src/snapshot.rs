@@ -37,6 +37,8 @@ pub struct ProjectConfig {
     pub catalog: Arc<Catalog>,
     /// The catalog's stored version (0: never written).
     pub catalog_version: i64,
+    /// Activation rules, applied when events commit (empty: none).
+    pub activation: Arc<crate::activation::ActivationRules>,
 }
 
 /// Who is calling: the outcome of authenticating a request.
@@ -209,6 +211,7 @@ mod tests {
                 flag_entries: Vec::new(),
                 catalog: Default::default(),
                 catalog_version: 0,
+                activation: Default::default(),
             },
             generated,
         )

@@ -175,11 +175,19 @@ impl OrgWriter {
     pub fn spawn(
         store: Arc<dyn Store>,
         cache: Arc<OrgCache>,
+        outbox: Arc<crate::outbound::OutboxSignal>,
         max_batch: usize,
         cancel: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (jobs, receiver) = mpsc::channel(4096);
-        let task = tokio::spawn(run(store, cache, receiver, max_batch.max(1), cancel));
+        let task = tokio::spawn(run(
+            store,
+            cache,
+            outbox,
+            receiver,
+            max_batch.max(1),
+            cancel,
+        ));
         (Self { jobs }, task)
     }
 
@@ -204,6 +212,7 @@ impl OrgWriter {
 async fn run(
     store: Arc<dyn Store>,
     cache: Arc<OrgCache>,
+    outbox: Arc<crate::outbound::OutboxSignal>,
     mut receiver: mpsc::Receiver<Job>,
     max_batch: usize,
     cancel: CancellationToken,
@@ -214,7 +223,7 @@ async fn run(
             _ = cancel.cancelled() => {
                 receiver.close();
                 while let Some(job) = receiver.recv().await {
-                    write_group(store.as_ref(), &cache, vec![job]).await;
+                    write_group(store.as_ref(), &cache, &outbox, vec![job]).await;
                 }
                 return;
             }
@@ -226,20 +235,32 @@ async fn run(
                 Err(_) => break,
             }
         }
-        write_group(store.as_ref(), &cache, group).await;
+        write_group(store.as_ref(), &cache, &outbox, group).await;
     }
 }
 
-async fn write_group(store: &dyn Store, cache: &OrgCache, group: Vec<Job>) {
+async fn write_group(
+    store: &dyn Store,
+    cache: &OrgCache,
+    outbox: &crate::outbound::OutboxSignal,
+    group: Vec<Job>,
+) {
     let (requests, replies): (Vec<_>, Vec<_>) = group
         .into_iter()
         .map(|job| (job.request, job.reply))
         .unzip();
     metrics::histogram!("flywheel_org_write_group_size").record(requests.len() as f64);
     match store.execute_org_requests(&requests).await {
-        Ok(OrgCommit { results, orgs }) => {
+        Ok(OrgCommit {
+            results,
+            orgs,
+            outbox: wrote,
+        }) => {
             // Into the cache first: the caller's next check must see it.
             cache.offer_all(orgs);
+            if wrote {
+                outbox.wake();
+            }
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
             }

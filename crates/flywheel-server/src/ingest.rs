@@ -64,6 +64,7 @@ impl Committer {
         store: Arc<dyn Store>,
         orgs: Arc<OrgCache>,
         profiles: Arc<crate::enrichment::ProfileCache>,
+        outbox: Arc<crate::outbound::OutboxSignal>,
         grace: chrono::Duration,
         max_events: usize,
         cancel: CancellationToken,
@@ -73,6 +74,7 @@ impl Committer {
         let task = tokio::spawn(run(
             store,
             orgs,
+            outbox,
             receiver,
             max_events.max(1),
             committed.clone(),
@@ -106,9 +108,14 @@ impl Committer {
         }
         // Whose profile these events change (traits, orgs), to forget once
         // they are committed.
+        // With activation rules, any track event may record a milestone.
+        let rules = !config.activation.rules.is_empty();
         let touched: Vec<String> = events
             .iter()
-            .filter(|encoded| matches!(encoded.event.kind, EventType::Identify | EventType::Group))
+            .filter(|encoded| {
+                matches!(encoded.event.kind, EventType::Identify | EventType::Group)
+                    || (rules && encoded.event.kind == EventType::Track)
+            })
             .flat_map(|encoded| {
                 encoded
                     .event
@@ -124,6 +131,8 @@ impl Committer {
                 project,
                 events,
                 billing,
+                activation: (!config.activation.rules.is_empty())
+                    .then(|| config.activation.clone()),
             },
             reply,
         };
@@ -157,6 +166,7 @@ impl Committer {
 async fn run(
     store: Arc<dyn Store>,
     orgs: Arc<OrgCache>,
+    outbox: Arc<crate::outbound::OutboxSignal>,
     mut receiver: mpsc::Receiver<Job>,
     max_events: usize,
     committed: Arc<Notify>,
@@ -169,7 +179,7 @@ async fn run(
                 // Write what is queued, then stop.
                 receiver.close();
                 while let Some(job) = receiver.recv().await {
-                    commit_group(store.as_ref(), &orgs, vec![job], &committed).await;
+                    commit_group(store.as_ref(), &orgs, &outbox, vec![job], &committed).await;
                 }
                 return;
             }
@@ -186,11 +196,17 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_group(store.as_ref(), &orgs, group, &committed).await;
+        commit_group(store.as_ref(), &orgs, &outbox, group, &committed).await;
     }
 }
 
-async fn commit_group(store: &dyn Store, orgs: &OrgCache, group: Vec<Job>, committed: &Notify) {
+async fn commit_group(
+    store: &dyn Store,
+    orgs: &OrgCache,
+    outbox: &crate::outbound::OutboxSignal,
+    group: Vec<Job>,
+    committed: &Notify,
+) {
     let started = Instant::now();
     let (batches, replies): (Vec<_>, Vec<_>) =
         group.into_iter().map(|job| (job.batch, job.reply)).unzip();
@@ -207,6 +223,7 @@ async fn commit_group(store: &dyn Store, orgs: &OrgCache, group: Vec<Job>, commi
                     project: batch.project,
                     events: Vec::new(),
                     billing: batch.billing.clone(),
+                    activation: batch.activation.clone(),
                 });
                 merged.len() - 1
             }
@@ -220,6 +237,9 @@ async fn commit_group(store: &dyn Store, orgs: &OrgCache, group: Vec<Job>, commi
             // Usage is in the cache before any request is answered: a check
             // after the 2xx sees the events' effect.
             orgs.offer_all(commit.orgs);
+            if commit.outbox {
+                outbox.wake();
+            }
             let results = commit.results;
             for (reply, (slot, start, len)) in replies.into_iter().zip(spans) {
                 let _ = reply.send(Ok(results[slot][start..start + len].to_vec()));

@@ -115,10 +115,12 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let profiles = Arc::new(enrichment::ProfileCache::new(Duration::from_millis(
         settings.flags.enrichment_ttl_ms,
     )));
+    let outbox_signal = Arc::new(outbound::OutboxSignal::default());
     let (committer, committer_task) = ingest::Committer::spawn(
         store.clone(),
         snapshot.orgs.clone(),
         profiles.clone(),
+        outbox_signal.clone(),
         settings.billing.grace(),
         settings.ingest.group_commit_max_events,
         background.clone(),
@@ -126,6 +128,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let (org_writer, org_writer_task) = billing::OrgWriter::spawn(
         store.clone(),
         snapshot.orgs.clone(),
+        outbox_signal.clone(),
         settings.billing.write_batch_max,
         background.clone(),
     );
@@ -133,7 +136,6 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let growth_keys = growth::GrowthKeys::load(store.as_ref())
         .await
         .context("cannot load the installation's growth keys")?;
-    let outbox_signal = Arc::new(outbound::OutboxSignal::default());
     let webhooks_task = tokio::spawn(outbound::run_webhooks(
         store.clone(),
         clock.clone(),

@@ -106,6 +106,10 @@ use crate::routes;
         routes::webhooks::disable_endpoint,
         routes::webhooks::list_deliveries,
         routes::webhooks::replay_delivery,
+        routes::activation::get_activation_rules,
+        routes::activation::put_activation_rules,
+        routes::activation::user_milestones,
+        routes::activation::org_milestones,
     ),
     components(schemas(
         crate::error::ErrorEnvelope,
@@ -124,6 +128,7 @@ use crate::routes;
         (name = "growth", description = "Signup and attribution, members, invitations, invite links, share links and guests, referrals, org and email templates"),
         (name = "webhooks", description = "Outbound webhook endpoints (Standard Webhooks) and their deliveries"),
         (name = "billing", description = "Plans, entitlements and usage: catalog, check, consume, release, subscriptions, grants, overrides"),
+        (name = "activation", description = "Activation rules and the milestones they record when events commit"),
     )
 )]
 pub struct ApiDoc;

@@ -25,6 +25,8 @@ flywheel_store::for_each_backend!(
     webhooks_arrive_signed_and_verify_with_the_reference_library,
     refusals_have_documented_codes,
     members_leave_and_billing_changes_reach_webhooks,
+    usage_webhooks_leave_at_once_from_consume_and_from_events,
+    the_third_project_records_a_milestone_once_with_its_events_and_webhook,
 );
 
 struct App {
@@ -1071,4 +1073,232 @@ async fn members_leave_and_billing_changes_reach_webhooks(backend: Backend) {
         ),
         (Some("free"), Some("pro"))
     );
+}
+
+/// A write that crosses a usage line wakes the sender itself: with the
+/// dispatcher's poll set to a minute, `usage.limit_reached` still arrives
+/// from a `consume` and from metered events.
+async fn usage_webhooks_leave_at_once_from_consume_and_from_events(backend: Backend) {
+    let app = spawn(backend, |settings| {
+        settings.webhooks.poll_interval_ms = 60_000
+    })
+    .await;
+    let s = &app.secret;
+    let (status, body) = call(s, Method::PUT, "/v1/catalog", Some(json!({
+        "features": [{"key": "exports", "kind": "metered"}, {"key": "api_calls", "kind": "metered"}],
+        "meters": [{"key": "api", "feature": "api_calls", "event": "api_call", "aggregation": "COUNT"}],
+        "plans": [{"key": "free", "default": true, "features": {
+            "exports": {"limit": 3}, "api_calls": {"limit": 3}}}]
+    }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (url, seen) = receiver_failing_first(false).await;
+    let (status, _) = call(
+        s,
+        Method::POST,
+        "/v1/webhook-endpoints",
+        Some(json!({"url": url, "event_types": ["usage.limit_reached"]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let arrived = |org: &'static str| {
+        let seen = seen.clone();
+        async move {
+            for _ in 0..400 {
+                let orgs: Vec<Value> = seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(_, body)| {
+                        serde_json::from_str::<Value>(body).unwrap()["data"]["org_id"].clone()
+                    })
+                    .collect();
+                if orgs.contains(&json!(org)) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            false
+        }
+    };
+    let (status, answer) = call(
+        s,
+        Method::POST,
+        "/v1/consume",
+        Some(json!({
+            "org_id": "acme", "feature": "exports", "amount": 3, "idempotency_key": "e1"
+        })),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["remaining"].as_i64()),
+        (StatusCode::OK, Some(0)),
+        "{answer}"
+    );
+    assert!(
+        arrived("acme").await,
+        "the consume's webhook left before the next poll"
+    );
+    let events: Vec<Value> = (0..3)
+        .map(|_| json!({"type": "track", "event": "api_call", "user_id": "u1", "org_id": "globex"}))
+        .collect();
+    let (status, _) = call(
+        &app.publishable,
+        Method::POST,
+        "/v1/events",
+        Some(json!({"batch": events})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        arrived("globex").await,
+        "the events' webhook left before the next poll"
+    );
+}
+
+/// The seeds' threshold, through the real server: rules written as the
+/// seeds write them, the third `project_created` records the milestone
+/// with its time to value, `activation_threshold_crossed` and `$activated`
+/// join the event stream, `milestone.reached` is delivered, and a retried
+/// batch fires nothing again.
+async fn the_third_project_records_a_milestone_once_with_its_events_and_webhook(backend: Backend) {
+    let app = spawn(backend, |_| {}).await;
+    let s = &app.secret;
+    let (status, bad) = call(s, Method::PUT, "/v1/activation-rules", Some(json!({"rules": [
+        {"key": "x", "scope": "user", "conditions": ["project_created >= 0"], "within_days": 400}
+    ]}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    assert_eq!(bad["error"]["code"], "invalid_activation_rules");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/rules/0/within_days"),
+        "{bad}"
+    );
+    let rules = json!({"rules": [
+        {"key": "three_projects", "scope": "user", "conditions": ["project_created >= 3"],
+         "within_days": 14, "activation": true},
+        {"key": "team", "scope": "org", "conditions": ["team_invites >= 2"]}
+    ]});
+    let (status, written) = call(s, Method::PUT, "/v1/activation-rules", Some(rules)).await;
+    assert_eq!(
+        (status, written["version"].as_i64()),
+        (StatusCode::OK, Some(1)),
+        "{written}"
+    );
+    let (status, _) = call(&app.publishable, Method::GET, "/v1/activation-rules", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, read) = call(s, Method::GET, "/v1/activation-rules", None).await;
+    assert_eq!(
+        read["rules"]["rules"][0]["conditions"][0],
+        json!({"event": "project_created", "at_least": 3})
+    );
+
+    let (url, seen) = receiver_failing_first(false).await;
+    let (status, _) = call(
+        s,
+        Method::POST,
+        "/v1/webhook-endpoints",
+        Some(json!({"url": url, "event_types": ["milestone.reached"]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = call(s, Method::PUT, "/v1/flags/activated-banner", Some(json!({
+        "state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+        "targeting": {"if": [{"and": [{"var": "activated"}, {"var": "milestones.three_projects"}]}, "on", "off"]}
+    }))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let banner = || async {
+        let response = app
+            .publishable
+            .request(Method::POST, "/ofrep/v1/evaluate/flags/activated-banner")
+            .json(&json!({"context": {"targetingKey": "alice"}}))
+            .send()
+            .await
+            .unwrap();
+        response.json::<Value>().await.unwrap()["variant"].clone()
+    };
+    let (_, alice) = call(
+        s,
+        Method::POST,
+        "/v1/signup",
+        Some(signup_body("alice", json!({}))),
+    )
+    .await;
+    let org = alice["org"]["org_id"].as_str().unwrap().to_owned();
+    assert_eq!(banner().await, "off");
+    let project = |n: u32| {
+        json!({"event_id": uuid::Uuid::from_u128(u128::from(n)), "type": "track",
+               "event": "project_created", "user_id": "alice", "org_id": org})
+    };
+    let (status, _) = call(
+        &app.publishable,
+        Method::POST,
+        "/v1/events",
+        Some(json!({"batch": [project(1), project(2)]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, none) = call(s, Method::GET, "/v1/users/alice/milestones", None).await;
+    assert_eq!(none["milestones"], json!([]));
+    for _ in 0..2 {
+        // The second time is the client retrying: duplicates, nothing new.
+        let (status, answer) = call(
+            &app.publishable,
+            Method::POST,
+            "/v1/events",
+            Some(json!({"batch": [project(3)]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let (status, listed) = call(s, Method::GET, "/v1/users/alice/milestones", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let milestones = listed["milestones"].as_array().unwrap();
+    assert_eq!(milestones.len(), 1, "{listed}");
+    assert_eq!(milestones[0]["rule"], "three_projects");
+    assert_eq!(milestones[0]["count"], 3);
+    assert_eq!(milestones[0]["event_id"], json!(uuid::Uuid::from_u128(3)));
+    assert!(milestones[0]["seconds_to_value"].as_i64().unwrap() >= 0);
+    let (_, crossed) = call(
+        s,
+        Method::GET,
+        "/v1/events?event=activation_threshold_crossed",
+        None,
+    )
+    .await;
+    let crossed = crossed["events"].as_array().unwrap();
+    assert_eq!(crossed.len(), 1, "{crossed:?}");
+    assert_eq!(crossed[0]["properties"]["rule"], "three_projects");
+    assert_eq!(crossed[0]["properties"]["event"], "project_created");
+    assert_eq!(crossed[0]["properties"]["count"], 3);
+    let (_, activated) = call(s, Method::GET, "/v1/events?event=$activated", None).await;
+    assert_eq!(activated["events"].as_array().unwrap().len(), 1);
+    // Milestones enrich flag contexts at once (this node committed them).
+    assert_eq!(banner().await, "on");
+    let (_, org_milestones) =
+        call(s, Method::GET, &format!("/v1/orgs/{org}/milestones"), None).await;
+    assert_eq!(
+        org_milestones["milestones"],
+        json!([]),
+        "two team invites not yet"
+    );
+
+    let mut delivered = Vec::new();
+    for _ in 0..200 {
+        delivered = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| body.clone())
+            .collect();
+        if !delivered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    let message: Value = serde_json::from_str(&delivered[0]).unwrap();
+    assert_eq!(message["type"], "milestone.reached");
+    assert_eq!(message["data"]["subject_id"], "alice");
 }

@@ -668,6 +668,28 @@ pub trait GrowthStore: Send + Sync {
         query: &DeliveryQuery,
     ) -> Result<Vec<DeliveryRecord>, crate::StoreError>;
     /// Schedules a delivery again now, whatever its state.
+    /// Stores a new version of the project's activation rules (validated
+    /// by the caller) and records the configuration change. Returns the
+    /// version.
+    async fn put_activation_rules(
+        &self,
+        project: ProjectId,
+        document: &serde_json::Value,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<i64, crate::StoreError>;
+    /// The current rules document and its version (`None`: never written).
+    async fn activation_rules(
+        &self,
+        project: ProjectId,
+    ) -> Result<Option<(i64, serde_json::Value)>, crate::StoreError>;
+    /// A user's or an org's milestones, oldest first.
+    async fn milestones(
+        &self,
+        project: ProjectId,
+        scope: flywheel_domain::activation::Scope,
+        subject_id: &str,
+    ) -> Result<Vec<flywheel_domain::activation::Milestone>, crate::StoreError>;
     /// What Flywheel knows of a user for flag-context enrichment: signup,
     /// attribution, orgs (memberships, then `group` calls) and `identify`
     /// traits. `None` when nothing is known.

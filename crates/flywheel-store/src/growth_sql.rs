@@ -255,7 +255,7 @@ macro_rules! growth_store_impl {
                 billing: &crate::Billing,
                 changes: &[(&OrgState, &OrgState)],
                 now: DateTime<Utc>,
-            ) -> Result<(), StoreError> {
+            ) -> Result<bool, StoreError> {
                 use flywheel_domain::billing::notice::{billing_notices, BillingNotice};
                 let mut messages = Vec::new();
                 for (before, after) in changes {
@@ -274,7 +274,248 @@ macro_rules! growth_store_impl {
                         }
                     }
                 }
-                enqueue(conn, project, &messages, now).await
+                enqueue(conn, project, &messages, now).await?;
+                Ok(!messages.is_empty())
+            }
+
+            /// Follows the project's activation rules over a batch's new
+            /// events, in their transaction: counts the events rules name
+            /// per user and org, and the first event that brings a subject
+            /// to a rule (inside its window) records the milestone, a
+            /// `milestone.reached` webhook and, for the activation
+            /// definition and a user, the `activated` referral event.
+            /// Returns the derived events to append after the batch. A
+            /// milestone's primary key makes it first-time-only; retried
+            /// events are duplicates and never reach here.
+            pub(crate) async fn apply_activation(
+                conn: &mut Conn,
+                project: ProjectId,
+                rules: &flywheel_domain::activation::ActivationRules,
+                fresh: &[(i64, &flywheel_domain::events::Event)],
+                billing: Option<&crate::Billing>,
+            ) -> Result<Vec<flywheel_domain::events::Event>, StoreError> {
+                use flywheel_domain::activation::{derived_events, Measure, Milestone, Scope};
+                use flywheel_domain::events::EventType;
+                use std::collections::{BTreeSet, HashMap, HashSet};
+
+                struct Subject {
+                    counts: HashMap<String, (i64, DateTime<Utc>)>,
+                    dirty: BTreeSet<String>,
+                    reached: HashSet<String>,
+                    signed_up_at: Option<DateTime<Utc>>,
+                    usage: HashMap<String, i64>,
+                }
+                let counted = rules.counted_events();
+                let has_scope = |scope: Scope| rules.rules.iter().any(|rule| rule.scope == scope);
+                let org_features: BTreeSet<&str> = rules
+                    .rules
+                    .iter()
+                    .filter(|rule| rule.scope == Scope::Org)
+                    .flat_map(|rule| &rule.conditions)
+                    .filter_map(|condition| match &condition.measure {
+                        Measure::Feature(name) => Some(name.as_str()),
+                        Measure::Event(_) => None,
+                    })
+                    .collect();
+                let (users, orgs) = (has_scope(Scope::User), has_scope(Scope::Org));
+                let mut touches: Vec<(usize, Scope, &str)> = Vec::new();
+                for (i, (_, event)) in fresh.iter().enumerate() {
+                    if event.kind != EventType::Track {
+                        continue;
+                    }
+                    let named = counted.contains(event.event.as_str());
+                    if let (true, true, Some(user)) = (named, users, &event.user_id) {
+                        touches.push((i, Scope::User, user));
+                    }
+                    if let (true, Some(org)) = (named || !org_features.is_empty(), &event.org_id) {
+                        if orgs {
+                            touches.push((i, Scope::Org, org));
+                        }
+                    }
+                }
+                if touches.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let now = fresh.iter().map(|(_, event)| event.received_at).max().expect("touched");
+                let mut subjects: HashMap<(Scope, &str), Subject> = HashMap::new();
+                for &(_, scope, id) in &touches {
+                    if subjects.contains_key(&(scope, id)) {
+                        continue;
+                    }
+                    let mut counts = HashMap::new();
+                    for row in sqlx::query(
+                        "SELECT event, count, first_at FROM activation_counts \
+                         WHERE project_id = $1 AND scope = $2 AND subject_id = $3",
+                    )
+                    .bind(g_project(project))
+                    .bind(scope.as_str())
+                    .bind(id)
+                    .fetch_all(&mut *conn)
+                    .await?
+                    {
+                        counts.insert(
+                            row.try_get::<String, _>("event")?,
+                            (row.try_get::<i64, _>("count")?, g_read_time(&row, "first_at")?),
+                        );
+                    }
+                    let mut reached = HashSet::new();
+                    for row in sqlx::query(
+                        "SELECT rule FROM milestones WHERE project_id = $1 AND scope = $2 AND subject_id = $3",
+                    )
+                    .bind(g_project(project))
+                    .bind(scope.as_str())
+                    .bind(id)
+                    .fetch_all(&mut *conn)
+                    .await?
+                    {
+                        reached.insert(row.try_get::<String, _>("rule")?);
+                    }
+                    let signup_sql = match scope {
+                        Scope::User => "SELECT created_at FROM users WHERE project_id = $1 AND user_id = $2",
+                        Scope::Org => "SELECT created_at FROM org_profiles WHERE project_id = $1 AND org_id = $2",
+                    };
+                    let signed_up_at = match sqlx::query(signup_sql)
+                        .bind(g_project(project))
+                        .bind(id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        Some(row) => Some(g_read_time(&row, "created_at")?),
+                        None => None,
+                    };
+                    let mut usage = HashMap::new();
+                    if let (Scope::Org, Some(billing), false) = (scope, billing, org_features.is_empty()) {
+                        // The batch's meters were applied just before: this is
+                        // the usage after it.
+                        let state = g_load_org(&mut *conn, project, id, now).await?;
+                        for feature in &org_features {
+                            let used = state
+                                .check(&billing.catalog, feature, 0, billing.grace, now)
+                                .metered
+                                .map_or(0, |metered| metered.used);
+                            usage.insert((*feature).to_owned(), used);
+                        }
+                    }
+                    subjects.insert(
+                        (scope, id),
+                        Subject { counts, dirty: BTreeSet::new(), reached, signed_up_at, usage },
+                    );
+                }
+
+                let mut derived = Vec::new();
+                let mut messages = Vec::new();
+                for &(i, scope, id) in &touches {
+                    let (_, event) = fresh[i];
+                    let subject = subjects.get_mut(&(scope, id)).expect("loaded above");
+                    if counted.contains(event.event.as_str()) {
+                        let entry = subject
+                            .counts
+                            .entry(event.event.clone())
+                            .or_insert((0, event.timestamp));
+                        entry.0 += 1;
+                        subject.dirty.insert(event.event.clone());
+                    }
+                    // A subject Flywheel did not sign up is measured from its
+                    // first counted event.
+                    let signed_up_at = subject.signed_up_at.unwrap_or_else(|| {
+                        subject
+                            .counts
+                            .values()
+                            .map(|(_, first)| *first)
+                            .min()
+                            .unwrap_or(event.timestamp)
+                    });
+                    for rule in rules.rules.iter().filter(|rule| rule.scope == scope) {
+                        if subject.reached.contains(&rule.key) {
+                            continue;
+                        }
+                        let value_of = |measure: &Measure| match measure {
+                            Measure::Event(name) => subject.counts.get(name).map_or(0, |(count, _)| *count),
+                            Measure::Feature(name) => subject.usage.get(name).copied().unwrap_or(0),
+                        };
+                        if !rule.is_reached(value_of) || !rule.is_within_window(signed_up_at, event.timestamp) {
+                            continue;
+                        }
+                        let milestone = Milestone {
+                            rule: rule.key.clone(),
+                            scope,
+                            subject_id: id.to_owned(),
+                            reached_at: event.timestamp,
+                            signed_up_at,
+                            seconds_to_value: event.timestamp.signed_duration_since(signed_up_at).num_seconds().max(0),
+                            event_id: event.event_id,
+                            event: event.event.clone(),
+                            count: subject.counts.get(&event.event).map_or(0, |(count, _)| *count),
+                            activation: rule.activation,
+                        };
+                        sqlx::query(
+                            "INSERT INTO milestones (project_id, rule, scope, subject_id, reached_at, signed_up_at, \
+                             seconds_to_value, event_id, event, count, activation) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                        )
+                        .bind(g_project(project))
+                        .bind(&milestone.rule)
+                        .bind(scope.as_str())
+                        .bind(id)
+                        .bind(g_time(milestone.reached_at))
+                        .bind(g_time(milestone.signed_up_at))
+                        .bind(milestone.seconds_to_value)
+                        .bind(milestone.event_id.to_string())
+                        .bind(&milestone.event)
+                        .bind(milestone.count)
+                        .bind(milestone.activation)
+                        .execute(&mut *conn)
+                        .await?;
+                        subject.reached.insert(rule.key.clone());
+                        derived.extend(derived_events(project, &milestone, event));
+                        if milestone.activation && scope == Scope::User {
+                            let inviter: Option<String> = match sqlx::query(
+                                "SELECT invited_by_user_id FROM users WHERE project_id = $1 AND user_id = $2",
+                            )
+                            .bind(g_project(project))
+                            .bind(id)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                            {
+                                Some(row) => row.try_get("invited_by_user_id")?,
+                                None => None,
+                            };
+                            referral_event(&mut *conn, project, NewReferralEvent {
+                                kind: ReferralEventKind::Activated,
+                                actor_user_id: inviter,
+                                resource_type: "milestone".into(),
+                                resource_id: milestone.rule.clone(),
+                                via_id: None,
+                                signup_user_id: Some(id.to_owned()),
+                                org_id: event.org_id.clone(),
+                            }, now).await?;
+                        }
+                        messages.push(OutboxMessage {
+                            event_type: "milestone.reached".into(),
+                            data: serde_json::to_value(&milestone).map_err(StoreError::internal)?,
+                        });
+                    }
+                }
+                for ((scope, id), subject) in &subjects {
+                    for name in &subject.dirty {
+                        let (count, first_at) = subject.counts[name];
+                        sqlx::query(
+                            "INSERT INTO activation_counts (project_id, scope, subject_id, event, count, first_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6) \
+                             ON CONFLICT (project_id, scope, subject_id, event) DO UPDATE SET count = excluded.count",
+                        )
+                        .bind(g_project(project))
+                        .bind(scope.as_str())
+                        .bind(*id)
+                        .bind(name)
+                        .bind(count)
+                        .bind(g_time(first_at))
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                }
+                enqueue(&mut *conn, project, &messages, now).await?;
+                Ok(derived)
             }
 
             async fn record_conversion(
@@ -2493,6 +2734,91 @@ macro_rules! growth_store_impl {
                         .collect()
                 }
 
+                async fn put_activation_rules(
+                    &self,
+                    project: ProjectId,
+                    document: &serde_json::Value,
+                    actor: &str,
+                    now: DateTime<Utc>,
+                ) -> Result<i64, StoreError> {
+                    let mut tx = self.g_begin().await?;
+                    let latest: Option<i64> = sqlx::query_scalar(
+                        "SELECT MAX(version) FROM activation_rule_versions WHERE project_id = $1",
+                    )
+                    .bind(g_project(project))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let version = latest.unwrap_or(0) + 1;
+                    sqlx::query(
+                        "INSERT INTO activation_rule_versions (project_id, version, document, actor, created_at) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(g_project(project))
+                    .bind(version)
+                    .bind(g_json(document))
+                    .bind(actor)
+                    .bind(g_time(now))
+                    .execute(&mut *tx)
+                    .await?;
+                    <$store>::record_change(&mut tx, project, "activation_rules", now).await?;
+                    tx.commit().await?;
+                    Ok(version)
+                }
+
+                async fn activation_rules(
+                    &self,
+                    project: ProjectId,
+                ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+                    let row = sqlx::query(
+                        "SELECT version, document FROM activation_rule_versions WHERE project_id = $1 \
+                         ORDER BY version DESC LIMIT 1",
+                    )
+                    .bind(g_project(project))
+                    .fetch_optional(self.g_reader())
+                    .await?;
+                    match row {
+                        Some(row) => Ok(Some((row.try_get("version")?, g_read_json(&row, "document")?))),
+                        None => Ok(None),
+                    }
+                }
+
+                async fn milestones(
+                    &self,
+                    project: ProjectId,
+                    scope: flywheel_domain::activation::Scope,
+                    subject_id: &str,
+                ) -> Result<Vec<flywheel_domain::activation::Milestone>, StoreError> {
+                    let rows = sqlx::query(
+                        "SELECT rule, reached_at, signed_up_at, seconds_to_value, event_id, event, count, activation \
+                         FROM milestones WHERE project_id = $1 AND scope = $2 AND subject_id = $3 \
+                         ORDER BY reached_at, rule",
+                    )
+                    .bind(g_project(project))
+                    .bind(scope.as_str())
+                    .bind(subject_id)
+                    .fetch_all(self.g_reader())
+                    .await?;
+                    rows.iter()
+                        .map(|row| {
+                            Ok(flywheel_domain::activation::Milestone {
+                                rule: row.try_get("rule")?,
+                                scope,
+                                subject_id: subject_id.to_owned(),
+                                reached_at: g_read_time(row, "reached_at")?,
+                                signed_up_at: g_read_time(row, "signed_up_at")?,
+                                seconds_to_value: row.try_get("seconds_to_value")?,
+                                event_id: row
+                                    .try_get::<String, _>("event_id")?
+                                    .parse()
+                                    .map_err(StoreError::internal)?,
+                                event: row.try_get("event")?,
+                                count: row.try_get("count")?,
+                                activation: row.try_get("activation")?,
+                            })
+                        })
+                        .collect()
+                }
+
                 async fn user_profile(
                     &self,
                     project: ProjectId,
@@ -2544,6 +2870,20 @@ macro_rules! growth_store_impl {
                         if let serde_json::Value::Object(traits) = g_read_json(&row, "traits")? {
                             profile.traits = traits;
                         }
+                    }
+                    let rows = sqlx::query(
+                        "SELECT rule, activation FROM milestones WHERE project_id = $1 AND \
+                         ((scope = 'user' AND subject_id = $2) OR (scope = 'org' AND subject_id = $3)) \
+                         ORDER BY reached_at, rule",
+                    )
+                    .bind(g_project(project))
+                    .bind(user_id)
+                    .bind(profile.org_ids.first().map_or("", String::as_str))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    for row in rows {
+                        profile.activated |= row.try_get::<bool, _>("activation")?;
+                        profile.milestones.push(row.try_get("rule")?);
                     }
                     Ok((!profile.is_empty()).then_some(profile))
                 }

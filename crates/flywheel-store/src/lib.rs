@@ -133,6 +133,9 @@ pub struct EventBatch {
     /// The project's catalog when the batch was prepared: its meters turn
     /// the new events into usage in the same transaction.
     pub billing: Option<Billing>,
+    /// The project's activation rules: milestones are recorded in the same
+    /// transaction. `None` (or empty): no rules.
+    pub activation: Option<Arc<flywheel_domain::activation::ActivationRules>>,
 }
 
 /// What billing rules a write runs under.
@@ -150,6 +153,8 @@ pub struct EventCommit {
     pub results: Vec<Vec<CommitResult>>,
     /// Orgs whose usage the new events changed, as committed.
     pub orgs: Vec<(ProjectId, Arc<OrgState>)>,
+    /// Outbox messages were written (usage crossed a line): wake the sender.
+    pub outbox: bool,
 }
 
 /// A write to one org's billing state.
@@ -191,6 +196,8 @@ pub struct OrgCommit {
     /// Every org the requests named, as committed: changed or not, it is
     /// the latest state (the org was locked), so it refreshes caches.
     pub orgs: Vec<(ProjectId, Arc<OrgState>)>,
+    /// Outbox messages were written: wake the sender.
+    pub outbox: bool,
 }
 
 /// One version of a project's billing catalog.
@@ -796,6 +803,31 @@ pub(crate) fn compile_stored_catalog(
         Err(problems) => {
             for problem in problems {
                 tracing::error!(project = %project.0, %problem, "the stored catalog does not compile; running without it");
+            }
+            Arc::default()
+        }
+    }
+}
+
+/// The stored activation rules of a project. They are validated before
+/// they are written; a document that no longer checks is logged and the
+/// project runs without rules.
+pub(crate) fn compile_stored_activation(
+    project: ProjectId,
+    document: serde_json::Value,
+) -> Arc<flywheel_domain::activation::ActivationRules> {
+    let parsed = serde_json::from_value::<flywheel_domain::activation::ActivationRules>(document)
+        .map_err(|error| vec![error.to_string()])
+        .and_then(|rules| {
+            rules
+                .validate()
+                .map_err(|problems| problems.into_iter().map(|p| p.message).collect())
+        });
+    match parsed {
+        Ok(rules) => Arc::new(rules),
+        Err(problems) => {
+            for problem in problems {
+                tracing::error!(project = %project.0, %problem, "the stored activation rules do not check; running without them");
             }
             Arc::default()
         }

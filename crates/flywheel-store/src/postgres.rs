@@ -150,9 +150,24 @@ impl PgStore {
             ),
             None => (0, None),
         };
+        let rules_row = sqlx::query(
+            "SELECT document FROM activation_rule_versions WHERE project_id = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(project.id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        let activation = match rules_row {
+            Some(row) => crate::compile_stored_activation(
+                project.id,
+                row.try_get::<serde_json::Value, _>("document")?,
+            ),
+            None => Default::default(),
+        };
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
             catalog_version,
+            activation,
             project,
             keys,
             settings,
@@ -264,6 +279,7 @@ async fn commit_batch(
     tx: &mut PgConnection,
     batch: &EventBatch,
     orgs: &mut Vec<(ProjectId, std::sync::Arc<OrgState>)>,
+    outbox: &mut bool,
 ) -> Result<Vec<CommitResult>, StoreError> {
     let project = batch.project.0;
     // The project's sequence row is the lock every writer of the project
@@ -322,7 +338,51 @@ async fn commit_batch(
     if fresh.is_empty() {
         return Ok(results);
     }
-    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+    insert_events(tx, project, &fresh, next).await?;
+    let fresh: Vec<(i64, &Event)> = fresh
+        .iter()
+        .map(|(seq, encoded)| (*seq, &encoded.event))
+        .collect();
+    apply_effects(tx, project, &fresh).await?;
+    if let Some(billing) = &batch.billing {
+        let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
+        let (states, wrote) = apply_meters(tx, project, billing, &events).await?;
+        *outbox |= wrote;
+        for state in states {
+            orgs.push((batch.project, std::sync::Arc::new(state)));
+        }
+    }
+    if let Some(rules) = &batch.activation {
+        let derived =
+            growth_impl::apply_activation(tx, batch.project, rules, &fresh, batch.billing.as_ref())
+                .await?;
+        if !derived.is_empty() {
+            *outbox = true;
+            let mut encoded = Vec::with_capacity(derived.len());
+            for event in derived {
+                next += 1;
+                encoded.push((
+                    next,
+                    EncodedEvent::encode(event).map_err(StoreError::internal)?,
+                ));
+            }
+            let rows: Vec<(i64, &EncodedEvent)> =
+                encoded.iter().map(|(seq, e)| (*seq, e)).collect();
+            insert_events(tx, project, &rows, next).await?;
+        }
+    }
+    Ok(results)
+}
+
+/// Inserts numbered events and moves the project's sequence (locked by the
+/// caller) to `last_seq`.
+async fn insert_events(
+    tx: &mut PgConnection,
+    project: Uuid,
+    rows: &[(i64, &EncodedEvent)],
+    last_seq: i64,
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Postgres>::new(
             "INSERT INTO events (project_id, event_id, seq, type, event, distinct_id, timestamp, received_at, body) ",
         );
@@ -343,21 +403,10 @@ async fn commit_batch(
     }
     sqlx::query("UPDATE event_sequences SET last_seq = $2 WHERE project_id = $1")
         .bind(project)
-        .bind(next)
+        .bind(last_seq)
         .execute(&mut *tx)
         .await?;
-    let fresh: Vec<(i64, &Event)> = fresh
-        .iter()
-        .map(|(seq, encoded)| (*seq, &encoded.event))
-        .collect();
-    apply_effects(tx, project, &fresh).await?;
-    if let Some(billing) = &batch.billing {
-        let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
-        for state in apply_meters(tx, project, billing, &events).await? {
-            orgs.push((batch.project, std::sync::Arc::new(state)));
-        }
-    }
-    Ok(results)
+    Ok(())
 }
 
 /// Applies what the new events imply, inside their transaction, set-wise:
@@ -752,9 +801,12 @@ impl Store for PgStore {
             let mut commit = EventCommit {
                 results: vec![Vec::new(); batches.len()],
                 orgs: Vec::new(),
+                outbox: false,
             };
             for i in order {
-                commit.results[i] = commit_batch(&mut tx, &batches[i], &mut commit.orgs).await?;
+                commit.results[i] =
+                    commit_batch(&mut tx, &batches[i], &mut commit.orgs, &mut commit.outbox)
+                        .await?;
             }
             tx.commit().await?;
             Ok(commit)
@@ -1245,7 +1297,7 @@ impl Store for PgStore {
             let before = states.clone();
             let mut fresh = Vec::new();
             let results = run_org_requests(requests, &mut states, &mut replies, &mut fresh);
-            let mut commit = OrgCommit { results, orgs: Vec::new() };
+            let mut commit = OrgCommit { results, orgs: Vec::new(), outbox: false };
             for key in keys {
                 let after = states.remove(&key).expect("listed above");
                 let saved = save_org_in(&mut tx, key.0 .0, &before[&key], after).await?;
@@ -1255,8 +1307,9 @@ impl Store for PgStore {
                         .filter(|request| request.project == key.0 && request.org_id == key.1);
                     let first = naming.next().expect("every org was named by a request");
                     let now = naming.fold(first.now, |latest, request| latest.max(request.now));
-                    growth_impl::billing_effects(&mut tx, key.0, &first.billing, &[(&before[&key], saved)], now)
-                        .await?;
+                    commit.outbox |=
+                        growth_impl::billing_effects(&mut tx, key.0, &first.billing, &[(&before[&key], saved)], now)
+                            .await?;
                 }
                 // Changed or not, this is the latest committed state (the
                 // org was locked): it refreshes caches either way.
@@ -1511,10 +1564,10 @@ async fn apply_meters(
     project: Uuid,
     billing: &Billing,
     events: &[&Event],
-) -> Result<Vec<OrgState>, StoreError> {
+) -> Result<(Vec<OrgState>, bool), StoreError> {
     let inputs = meter_inputs(billing, events.iter().copied());
     if inputs.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let now = events
         .iter()
@@ -1553,12 +1606,13 @@ async fn apply_meters(
     }
     apply_readings(billing, &mut states, readings, now);
     let mut saved = Vec::new();
+    let mut wrote = false;
     let mut orgs: Vec<String> = states.keys().cloned().collect();
     orgs.sort();
     for org in orgs {
         let after = states.remove(&org).expect("listed above");
         if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
-            growth_impl::billing_effects(
+            wrote |= growth_impl::billing_effects(
                 conn,
                 ProjectId(project),
                 billing,
@@ -1569,7 +1623,7 @@ async fn apply_meters(
             saved.push(state);
         }
     }
-    Ok(saved)
+    Ok((saved, wrote))
 }
 
 // The growth graph: the shared implementation (`growth_sql.rs`) and what it

@@ -147,9 +147,24 @@ impl SqliteStore {
             ),
             None => (0, None),
         };
+        let rules_row = sqlx::query(
+            "SELECT document FROM activation_rule_versions WHERE project_id = ? \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&id)
+        .fetch_optional(&self.reader)
+        .await?;
+        let activation = match rules_row {
+            Some(row) => crate::compile_stored_activation(
+                project.id,
+                from_json_text(&row.try_get::<String, _>("document")?)?,
+            ),
+            None => Default::default(),
+        };
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
             catalog_version,
+            activation,
             project,
             keys,
             settings,
@@ -309,6 +324,7 @@ async fn commit_batch(
     tx: &mut SqliteConnection,
     batch: &EventBatch,
     orgs: &mut Vec<(ProjectId, std::sync::Arc<OrgState>)>,
+    outbox: &mut bool,
 ) -> Result<Vec<CommitResult>, StoreError> {
     let project = batch.project.0.to_string();
     let mut stored: HashSet<String> = HashSet::new();
@@ -349,13 +365,56 @@ async fn commit_batch(
     if fresh.is_empty() {
         return Ok(results);
     }
-    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+    insert_events(tx, &project, &fresh, next).await?;
+    let fresh: Vec<(i64, &Event)> = fresh
+        .iter()
+        .map(|(seq, encoded)| (*seq, &encoded.event))
+        .collect();
+    apply_effects(tx, &project, &fresh).await?;
+    if let Some(billing) = &batch.billing {
+        let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
+        let (states, wrote) = apply_meters(tx, &project, billing, &events).await?;
+        *outbox |= wrote;
+        for state in states {
+            orgs.push((batch.project, std::sync::Arc::new(state)));
+        }
+    }
+    if let Some(rules) = &batch.activation {
+        let derived =
+            growth_impl::apply_activation(tx, batch.project, rules, &fresh, batch.billing.as_ref())
+                .await?;
+        if !derived.is_empty() {
+            *outbox = true;
+            let mut encoded = Vec::with_capacity(derived.len());
+            for event in derived {
+                next += 1;
+                encoded.push((
+                    next,
+                    EncodedEvent::encode(event).map_err(StoreError::internal)?,
+                ));
+            }
+            let rows: Vec<(i64, &EncodedEvent)> =
+                encoded.iter().map(|(seq, e)| (*seq, e)).collect();
+            insert_events(tx, &project, &rows, next).await?;
+        }
+    }
+    Ok(results)
+}
+
+/// Inserts numbered events and moves the project's sequence to `last_seq`.
+async fn insert_events(
+    tx: &mut SqliteConnection,
+    project: &str,
+    rows: &[(i64, &EncodedEvent)],
+    last_seq: i64,
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (project_id, event_id, seq, type, event, distinct_id, timestamp, received_at, body) ",
         );
         query.push_values(chunk, |mut row, (seq, encoded)| {
             let event = &encoded.event;
-            row.push_bind(&project)
+            row.push_bind(project)
                 .push_bind(event.event_id.to_string())
                 .push_bind(*seq)
                 .push_bind(event.kind.as_str())
@@ -371,22 +430,11 @@ async fn commit_batch(
         "INSERT INTO event_sequences (project_id, last_seq) VALUES (?, ?) \
          ON CONFLICT (project_id) DO UPDATE SET last_seq = excluded.last_seq",
     )
-    .bind(&project)
-    .bind(next)
+    .bind(project)
+    .bind(last_seq)
     .execute(&mut *tx)
     .await?;
-    let fresh: Vec<(i64, &Event)> = fresh
-        .iter()
-        .map(|(seq, encoded)| (*seq, &encoded.event))
-        .collect();
-    apply_effects(tx, &project, &fresh).await?;
-    if let Some(billing) = &batch.billing {
-        let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
-        for state in apply_meters(tx, &project, billing, &events).await? {
-            orgs.push((batch.project, std::sync::Arc::new(state)));
-        }
-    }
-    Ok(results)
+    Ok(())
 }
 
 /// The ids of this batch that belong to deleted people.
@@ -799,7 +847,8 @@ impl Store for SqliteStore {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
             let mut commit = EventCommit::default();
             for batch in batches {
-                let results = commit_batch(&mut tx, batch, &mut commit.orgs).await?;
+                let results =
+                    commit_batch(&mut tx, batch, &mut commit.orgs, &mut commit.outbox).await?;
                 commit.results.push(results);
             }
             tx.commit().await?;
@@ -1322,6 +1371,7 @@ impl Store for SqliteStore {
             let mut commit = OrgCommit {
                 results,
                 orgs: Vec::new(),
+                outbox: false,
             };
             for project in by_project.keys() {
                 let mut keys: Vec<(ProjectId, String)> =
@@ -1338,7 +1388,8 @@ impl Store for SqliteStore {
                     .iter()
                     .map(|after| (&before[&(*project, after.org_id.clone())], after))
                     .collect();
-                growth_impl::billing_effects(&mut tx, *project, &group[0].billing, &changes, now).await?;
+                commit.outbox |=
+                    growth_impl::billing_effects(&mut tx, *project, &group[0].billing, &changes, now).await?;
                 // Changed or not, each is the latest committed state (this
                 // transaction held the write lock): it refreshes caches.
                 commit
@@ -1608,10 +1659,10 @@ async fn apply_meters(
     project: &str,
     billing: &Billing,
     events: &[&Event],
-) -> Result<Vec<OrgState>, StoreError> {
+) -> Result<(Vec<OrgState>, bool), StoreError> {
     let inputs = meter_inputs(billing, events.iter().copied());
     if inputs.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let now = events
         .iter()
@@ -1664,12 +1715,13 @@ async fn apply_meters(
         .map(|after| (&before[&after.org_id], after))
         .collect();
     let project_id = ProjectId(uuid::Uuid::parse_str(project).map_err(StoreError::internal)?);
-    growth_impl::billing_effects(conn, project_id, billing, &changes, now).await?;
+    let wrote = growth_impl::billing_effects(conn, project_id, billing, &changes, now).await?;
     // Only the orgs the events changed (the others were only read).
-    Ok(saved
+    let changed = saved
         .into_iter()
         .filter(|state| state.version != before[&state.org_id].version)
-        .collect())
+        .collect();
+    Ok((changed, wrote))
 }
 
 // The growth graph: the shared implementation (`growth_sql.rs`) and what it

@@ -371,6 +371,7 @@ fn metered_batch(project: &Project, events: Vec<Event>) -> EventBatch {
             .map(|e| EncodedEvent::encode(e).unwrap())
             .collect(),
         billing: Some(billing()),
+        activation: None,
     }
 }
 

@@ -37,6 +37,7 @@ flywheel_store::for_each_backend!(
     members_are_removed_and_give_their_seat_back,
     billing_writes_announce_changes_limits_and_conversions_once,
     finished_outbound_work_is_pruned_and_pending_work_kept,
+    milestones_are_recorded_once_by_the_crossing_event_inside_the_window,
 );
 
 fn at(seconds: i64) -> DateTime<Utc> {
@@ -1135,4 +1136,187 @@ async fn finished_outbound_work_is_pruned_and_pending_work_kept(backend: Backend
     assert!(left
         .iter()
         .all(|(_, data)| data.to_string().contains("bob")));
+}
+
+fn track(name: &str, user: &str, org: &str, at_: DateTime<Utc>) -> flywheel_domain::events::Event {
+    use flywheel_domain::events::{Event, EventType, Source};
+    Event {
+        event_id: uuid::Uuid::now_v7(),
+        event_id_generated: false,
+        kind: EventType::Track,
+        event: name.into(),
+        user_id: Some(user.into()),
+        anonymous_id: None,
+        org_id: Some(org.into()),
+        previous_id: None,
+        timestamp: at_,
+        original_timestamp: Some(at_),
+        sent_at: None,
+        received_at: at_,
+        skew_corrected: false,
+        future_clamped: false,
+        properties: serde_json::Map::new(),
+        traits: serde_json::Map::new(),
+        context: serde_json::Map::new(),
+        schema_version: None,
+        source: Source::Native,
+        schema_violations: Vec::new(),
+    }
+}
+
+async fn milestones_are_recorded_once_by_the_crossing_event_inside_the_window(backend: Backend) {
+    use flywheel_domain::activation::{ActivationRules, Scope};
+    let (_db, store, p) = setup(backend).await;
+    let (_, endpoint) = all_events_endpoint(p);
+    store.create_webhook_endpoint(p, &endpoint).await.unwrap();
+    let document = json!({"rules": [
+        {"key": "three_projects", "scope": "user", "conditions": ["project_created >= 3"],
+         "within_days": 14, "activation": true},
+        {"key": "busy_org", "scope": "org", "conditions": ["project_created >= 4"]}
+    ]});
+    let rules: ActivationRules = serde_json::from_value(document.clone()).unwrap();
+    let rules = Arc::new(rules.validate().unwrap());
+    assert_eq!(
+        store
+            .put_activation_rules(p, &document, "key:t", at(0))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.activation_rules(p).await.unwrap().unwrap().0, 1);
+    let config = store.load_project_config(p).await.unwrap().unwrap();
+    assert_eq!(
+        config.activation, rules,
+        "the rules are part of the project's configuration"
+    );
+
+    store
+        .signup(&signup(p, "alice", at(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .signup(&signup(p, "bob", at(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    let batch = |events: Vec<flywheel_domain::events::Event>| flywheel_store::EventBatch {
+        project: p,
+        events: events
+            .into_iter()
+            .map(|e| flywheel_store::EncodedEvent::encode(e).unwrap())
+            .collect(),
+        billing: None,
+        activation: Some(rules.clone()),
+    };
+    let day = |d: i64| at(1) + Duration::days(d);
+    let first = vec![
+        track("project_created", "alice", "org-alice", day(1)),
+        track("project_created", "alice", "org-alice", day(2)),
+    ];
+    store.commit_events(&[batch(first)]).await.unwrap();
+    assert!(store
+        .milestones(p, Scope::User, "alice")
+        .await
+        .unwrap()
+        .is_empty());
+    let third = track("project_created", "alice", "org-alice", day(3));
+    let crossing = vec![
+        third.clone(),
+        track(
+            "project_created",
+            "alice",
+            "org-alice",
+            day(3) + Duration::hours(1),
+        ),
+    ];
+    let commit = store
+        .commit_events(&[batch(crossing.clone())])
+        .await
+        .unwrap();
+    assert!(commit.outbox, "a milestone writes its webhook");
+    // A retry of the same events: duplicates, nothing fires again.
+    store.commit_events(&[batch(crossing)]).await.unwrap();
+
+    let milestones = store.milestones(p, Scope::User, "alice").await.unwrap();
+    assert_eq!(milestones.len(), 1, "{milestones:?}");
+    let m = &milestones[0];
+    assert_eq!(
+        (m.rule.as_str(), m.count, m.event_id),
+        ("three_projects", 3, third.event_id)
+    );
+    assert_eq!(m.seconds_to_value, 3 * 86_400);
+    assert!(m.activation);
+    // The org rule (4 projects) was crossed by the fourth event.
+    let org = store.milestones(p, Scope::Org, "org-alice").await.unwrap();
+    assert_eq!((org.len(), org[0].count), (1, 4));
+
+    // The derived events follow in the same stream, once.
+    let stored = store
+        .list_events(
+            p,
+            &flywheel_store::EventQuery {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let names: Vec<&str> = stored
+        .iter()
+        .rev()
+        .map(|e| e.event.event.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "project_created",
+            "project_created",
+            "project_created",
+            "project_created",
+            "activation_threshold_crossed",
+            "$activated",
+            "activation_threshold_crossed"
+        ]
+    );
+    let crossed = &stored.iter().rev().nth(4).unwrap().event;
+    assert_eq!(crossed.properties["rule"], "three_projects");
+    assert_eq!(crossed.properties["count"], 3);
+    assert_eq!(crossed.user_id.as_deref(), Some("alice"));
+    let seqs: Vec<i64> = stored.iter().rev().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<i64>>(), "numbered without gaps");
+
+    let activated = store
+        .referral_events(
+            p,
+            &ReferralEventQuery {
+                kind: Some(ReferralEventKind::Activated),
+                limit: 10,
+                ..ReferralEventQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(activated.len(), 1);
+    assert_eq!(activated[0].signup_user_id.as_deref(), Some("alice"));
+    let types: Vec<String> = delivered_types(&store, p)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| *t == "milestone.reached").count(),
+        2
+    );
+
+    // Bob's third project comes on day 15: outside the 14-day window.
+    let late: Vec<_> = (13..16)
+        .map(|d| track("project_created", "bob", "org-bob", day(d)))
+        .collect();
+    store.commit_events(&[batch(late)]).await.unwrap();
+    assert!(store
+        .milestones(p, Scope::User, "bob")
+        .await
+        .unwrap()
+        .is_empty());
 }

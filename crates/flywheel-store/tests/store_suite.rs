@@ -372,6 +372,7 @@ fn batch(project: &Project, events: Vec<Event>) -> EventBatch {
             .map(|e| EncodedEvent::encode(e).unwrap())
             .collect(),
         billing: None,
+        activation: None,
     }
 }
 

@@ -7,6 +7,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub mod activation;
 pub mod billing;
 pub mod events;
 pub mod flags;
@@ -33,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .merge(stripe::router())
         .merge(growth::router())
         .merge(webhooks::router())
+        .merge(activation::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -43,6 +43,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "subscription.changed",
     "usage.warning",
     "usage.limit_reached",
+    "milestone.reached",
 ];
 
 #[derive(Debug, Deserialize, ToSchema)]
