@@ -288,6 +288,14 @@ impl ActivationRules {
         }
     }
 
+    /// Whether a rule reads metered usage (`feature:` conditions).
+    pub fn has_feature_conditions(&self) -> bool {
+        self.rules
+            .iter()
+            .flat_map(|rule| &rule.conditions)
+            .any(|condition| matches!(condition.measure, Measure::Feature(_)))
+    }
+
     /// The event names any rule counts: only these need counters.
     pub fn counted_events(&self) -> BTreeSet<&str> {
         self.rules

@@ -99,10 +99,12 @@ impl Committer {
         events: Vec<EncodedEvent>,
     ) -> Result<Vec<CommitResult>, ApiError> {
         let project = config.project.id;
-        let billing = config.catalog.has_meters().then(|| Billing {
-            catalog: config.catalog.clone(),
-            grace: self.grace,
-        });
+        // Meters need the catalog, and so do activation rules over metered usage.
+        let billing = (config.catalog.has_meters() || config.activation.has_feature_conditions())
+            .then(|| Billing {
+                catalog: config.catalog.clone(),
+                grace: self.grace,
+            });
         if events.is_empty() {
             return Ok(Vec::new());
         }

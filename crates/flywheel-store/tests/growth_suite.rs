@@ -38,6 +38,7 @@ flywheel_store::for_each_backend!(
     billing_writes_announce_changes_limits_and_conversions_once,
     finished_outbound_work_is_pruned_and_pending_work_kept,
     milestones_are_recorded_once_by_the_crossing_event_inside_the_window,
+    org_rules_read_metered_usage_after_the_batch_meters,
 );
 
 fn at(seconds: i64) -> DateTime<Utc> {
@@ -1319,4 +1320,60 @@ async fn milestones_are_recorded_once_by_the_crossing_event_inside_the_window(ba
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn org_rules_read_metered_usage_after_the_batch_meters(backend: Backend) {
+    use flywheel_domain::activation::{ActivationRules, Scope};
+    let (_db, store, p) = setup(backend).await;
+    let rules: ActivationRules = serde_json::from_value(json!({"rules": [
+        {"key": "api_usage", "scope": "org", "conditions": ["feature:api_calls >= 3"]}
+    ]}))
+    .unwrap();
+    let rules = Arc::new(rules.validate().unwrap());
+    assert!(rules.has_feature_conditions());
+    let catalog = Arc::new(
+        Catalog::compile(
+            serde_json::from_value(json!({
+                "features": [{"key": "api_calls", "kind": "metered"}],
+                "meters": [{"key": "api", "feature": "api_calls", "event": "api_call", "aggregation": "COUNT"}],
+                "plans": [{"key": "free", "default": true, "features": {"api_calls": {"limit": 100}}}]
+            }))
+            .unwrap(),
+        )
+        .unwrap(),
+    );
+    let batch = |events: Vec<flywheel_domain::events::Event>| flywheel_store::EventBatch {
+        project: p,
+        events: events
+            .into_iter()
+            .map(|e| flywheel_store::EncodedEvent::encode(e).unwrap())
+            .collect(),
+        billing: Some(Billing {
+            catalog: catalog.clone(),
+            grace: Duration::days(7),
+        }),
+        activation: Some(rules.clone()),
+    };
+    let calls = |n: i64, from: i64| {
+        (0..n)
+            .map(|i| track("api_call", "u1", "acme", at(from + i)))
+            .collect::<Vec<_>>()
+    };
+    store.commit_events(&[batch(calls(2, 10))]).await.unwrap();
+    assert!(store
+        .milestones(p, Scope::Org, "acme")
+        .await
+        .unwrap()
+        .is_empty());
+    store.commit_events(&[batch(calls(2, 20))]).await.unwrap();
+    let reached = store.milestones(p, Scope::Org, "acme").await.unwrap();
+    assert_eq!(reached.len(), 1, "{reached:?}");
+    assert_eq!(reached[0].rule, "api_usage");
+    // Usage reads after the batch's meters: the batch that took it to 4 crossed.
+    assert_eq!(reached[0].reached_at, at(20));
+    store.commit_events(&[batch(calls(2, 30))]).await.unwrap();
+    assert_eq!(
+        store.milestones(p, Scope::Org, "acme").await.unwrap().len(),
+        1
+    );
 }
