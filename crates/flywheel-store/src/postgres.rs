@@ -1055,6 +1055,15 @@ impl Store for PgStore {
                 .bind(ids)
                 .execute(&mut *tx)
                 .await?;
+            for table in ["activation_counts", "milestones"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE project_id = $1 AND scope = 'user' AND subject_id = ANY($2)"
+                ))
+                .bind(project.0)
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+            }
             sqlx::query(
                 "INSERT INTO suppressed_ids (project_id, distinct_id, suppressed_at) \
                  SELECT $1, id, $3 FROM UNNEST($2::text[]) AS id ON CONFLICT DO NOTHING",

@@ -1124,6 +1124,15 @@ impl Store for SqliteStore {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
+                for table in ["activation_counts", "milestones"] {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE project_id = ? AND scope = 'user' AND subject_id = ?"
+                    ))
+                    .bind(&project)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 sqlx::query(
                     "INSERT INTO suppressed_ids (project_id, distinct_id, suppressed_at) VALUES (?, ?, ?) \
                      ON CONFLICT DO NOTHING",

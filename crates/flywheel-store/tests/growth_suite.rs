@@ -1310,6 +1310,26 @@ async fn milestones_are_recorded_once_by_the_crossing_event_inside_the_window(ba
         2
     );
 
+    // Deleting Alice (privacy) takes her counts and milestones with her;
+    // the org's stay (they are the org's).
+    store
+        .delete_person(p, &["alice".to_owned()], at(10_000_000))
+        .await
+        .unwrap();
+    assert!(store
+        .milestones(p, Scope::User, "alice")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .milestones(p, Scope::Org, "org-alice")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
     // Bob's third project comes on day 15: outside the 14-day window.
     let late: Vec<_> = (13..16)
         .map(|d| track("project_created", "bob", "org-bob", day(d)))
