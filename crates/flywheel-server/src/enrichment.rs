@@ -8,7 +8,7 @@
 //! seen within `flags.enrichment_ttl_ms`. The org's plan and entitlements
 //! are not cached here: they come from the org cache, always current.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ pub struct ProfileCache {
     projects: DashMap<ProjectId, Arc<Profiles>, RandomState>,
     ttl: Duration,
     entries: AtomicUsize,
+    /// Bumped by every `forget`: a read that started before a forget must
+    /// not cache what it read (it may predate the write being forgotten).
+    forgets: AtomicU64,
 }
 
 impl std::fmt::Debug for ProfileCache {
@@ -58,6 +61,7 @@ impl ProfileCache {
             projects: DashMap::default(),
             ttl,
             entries: AtomicUsize::new(0),
+            forgets: AtomicU64::new(0),
         }
     }
 
@@ -77,6 +81,7 @@ impl ProfileCache {
                 }
             }
         }
+        let generation = self.forgets.load(std::sync::atomic::Ordering::Acquire);
         let profile = match store.user_profile(project, user_id).await {
             Ok(profile) => profile.map(Arc::new),
             Err(error) => {
@@ -84,6 +89,10 @@ impl ProfileCache {
                 return None;
             }
         };
+        if self.forgets.load(std::sync::atomic::Ordering::Acquire) != generation {
+            // A write was forgotten while we read: answer, but do not keep it.
+            return profile;
+        }
         if self.entries.fetch_add(1, Relaxed) >= MAX_ENTRIES {
             self.projects.clear();
             self.entries.store(1, Relaxed);
@@ -104,6 +113,8 @@ impl ProfileCache {
 
     /// This node wrote something about the user: read it again next time.
     pub fn forget(&self, project: ProjectId, user_id: &str) {
+        self.forgets
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         if let Some(profiles) = self.projects.get(&project) {
             if profiles.remove(user_id).is_some() {
                 self.entries.fetch_sub(1, Relaxed);

@@ -119,11 +119,12 @@ pub async fn run_webhooks(
     let limit = settings.concurrency.clamp(1, 256) as u32;
     let mut next_prune = tokio::time::Instant::now();
     loop {
-        let now = clock.now();
         if tokio::time::Instant::now() >= next_prune {
             next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
-            prune(store.as_ref(), now, settings.retention_days).await;
+            prune(store.as_ref(), clock.now(), settings.retention_days).await;
         }
+        // Read after pruning, so a slow prune cannot shorten the lease.
+        let now = clock.now();
         let claimed = match store
             .claim_deliveries(now, now + webhook_lease(&settings), limit)
             .await

@@ -383,11 +383,18 @@ macro_rules! growth_store_impl {
                         Some(row) => Some(g_read_time(&row, "created_at")?),
                         None => None,
                     };
+                    let mut signed_up_at = signed_up_at;
                     let mut usage = HashMap::new();
                     if let (Scope::Org, Some(billing), false) = (scope, billing, org_features.is_empty()) {
                         // The batch's meters were applied just before: this is
-                        // the usage after it.
-                        let state = g_load_org(&mut *conn, project, id, now).await?;
+                        // the usage after it. A plain read: orgs the meters
+                        // changed are already locked by this transaction, and
+                        // locking others here, out of the global order, could
+                        // deadlock with an org writer.
+                        let state = g_read_org(&mut *conn, project, id, now).await?;
+                        // An org Flywheel did not provision counts from its
+                        // billing row's creation.
+                        signed_up_at = signed_up_at.or(Some(state.created_at));
                         for feature in &org_features {
                             let used = state
                                 .check(&billing.catalog, feature, 0, billing.grace, now)
@@ -2158,6 +2165,14 @@ macro_rules! growth_store_impl {
                         .bind(user_id)
                         .execute(&mut *tx)
                         .await?;
+                    // The association `group` events made goes too, so flag
+                    // enrichment stops naming the org for this user.
+                    sqlx::query("DELETE FROM org_members WHERE project_id = $1 AND org_id = $2 AND distinct_id = $3")
+                        .bind(g_project(project))
+                        .bind(org_id)
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?;
                     let catalog = &policy.billing.catalog;
                     let metered = catalog
                         .feature(&policy.seats_feature)
@@ -2759,7 +2774,8 @@ macro_rules! growth_store_impl {
                     .bind(actor)
                     .bind(g_time(now))
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "activation_rules"))?;
                     <$store>::record_change(&mut tx, project, "activation_rules", now).await?;
                     tx.commit().await?;
                     Ok(version)
@@ -2891,7 +2907,7 @@ macro_rules! growth_store_impl {
                 async fn prune_outbound(&self, older_than: DateTime<Utc>) -> Result<PrunedOutbound, StoreError> {
                     let mut tx = self.g_begin().await?;
                     let deliveries = sqlx::query(
-                        "DELETE FROM webhook_deliveries WHERE message_id IN (\
+                        "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND message_id IN (\
                          SELECT id FROM outbox WHERE created_at < $1 AND NOT EXISTS (\
                          SELECT 1 FROM webhook_deliveries pending WHERE pending.message_id = outbox.id \
                          AND pending.status = 'pending'))",

@@ -1684,6 +1684,20 @@ fn g_read_project(row: &PgRow, column: &str) -> Result<ProjectId, StoreError> {
 
 /// The org's billing state, its row created (anchored at `now`) if missing
 /// and locked until the transaction ends.
+/// The org's billing state as committed, without creating or locking its
+/// row (a read that must not take locks out of the global order).
+async fn g_read_org(
+    conn: &mut PgConnection,
+    project: ProjectId,
+    org_id: &str,
+    now: DateTime<Utc>,
+) -> Result<OrgState, StoreError> {
+    let mut states = load_orgs_in(conn, project.0, &[org_id.to_owned()], now, false).await?;
+    Ok(states
+        .remove(org_id)
+        .unwrap_or_else(|| OrgState::new(org_id, now)))
+}
+
 async fn g_load_org(
     conn: &mut PgConnection,
     project: ProjectId,

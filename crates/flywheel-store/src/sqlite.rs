@@ -1784,6 +1784,20 @@ fn g_read_project(row: &SqliteRow, column: &str) -> Result<ProjectId, StoreError
 
 /// The org's billing state, its row created (anchored at `now`) if missing.
 /// The writer transaction already holds SQLite's lock.
+/// The org's billing state as committed, without creating its row.
+async fn g_read_org(
+    conn: &mut SqliteConnection,
+    project: ProjectId,
+    org_id: &str,
+    now: DateTime<Utc>,
+) -> Result<OrgState, StoreError> {
+    let mut states =
+        load_orgs_in(conn, &project.0.to_string(), &[(org_id.to_owned(), now)]).await?;
+    Ok(states
+        .remove(org_id)
+        .unwrap_or_else(|| OrgState::new(org_id, now)))
+}
+
 async fn g_load_org(
     conn: &mut SqliteConnection,
     project: ProjectId,

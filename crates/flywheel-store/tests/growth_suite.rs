@@ -1391,6 +1391,9 @@ async fn org_rules_read_metered_usage_after_the_batch_meters(backend: Backend) {
     assert_eq!(reached[0].rule, "api_usage");
     // Usage reads after the batch's meters: the batch that took it to 4 crossed.
     assert_eq!(reached[0].reached_at, at(20));
+    // An org Flywheel did not provision is measured from its billing row's
+    // creation: the first metered batch's commit time (its last event, at(11)).
+    assert_eq!(reached[0].seconds_to_value, 9);
     store.commit_events(&[batch(calls(2, 30))]).await.unwrap();
     assert_eq!(
         store.milestones(p, Scope::Org, "acme").await.unwrap().len(),

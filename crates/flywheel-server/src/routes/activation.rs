@@ -45,15 +45,20 @@ pub async fn get_activation_rules(
     State(state): State<AppState>,
     auth: SecretKey,
 ) -> Result<Json<ActivationRulesView>, ApiError> {
-    let version = state
+    // Version and rules from the same stored row (this node's snapshot may
+    // lag another node's write).
+    let Some((version, document)) = state
         .store
         .activation_rules(auth.principal.project_id())
         .await?
-        .map_or(0, |(version, _)| version);
-    Ok(Json(ActivationRulesView {
-        version,
-        rules: (*auth.principal.project.activation).clone(),
-    }))
+    else {
+        return Ok(Json(ActivationRulesView {
+            version: 0,
+            rules: ActivationRules::default(),
+        }));
+    };
+    let rules = serde_json::from_value(document).map_err(ApiError::internal)?;
+    Ok(Json(ActivationRulesView { version, rules }))
 }
 
 /// Replaces the activation rules (a new version). Conditions read as the
