@@ -625,6 +625,24 @@ pub(crate) fn plan_flag_version(
     }
 }
 
+/// Numbers events after `next` (advancing it) and encodes them: the
+/// derived events a batch appends (activation) in its transaction.
+pub(crate) fn number_events(
+    events: Vec<Event>,
+    next: &mut i64,
+) -> Result<Vec<(i64, EncodedEvent)>, StoreError> {
+    events
+        .into_iter()
+        .map(|event| {
+            *next += 1;
+            Ok((
+                *next,
+                EncodedEvent::encode(event).map_err(StoreError::internal)?,
+            ))
+        })
+        .collect()
+}
+
 /// The `person_traits` rows a batch writes: each person's stored traits
 /// with the batch's `identify` traits merged in commit order.
 pub(crate) fn plan_traits(

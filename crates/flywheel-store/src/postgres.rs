@@ -26,6 +26,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
+use crate::number_events;
 use crate::{
     apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
     plan_links, plan_org_write, plan_traits, redact_url, run_org_requests, timed, Backend, Billing,
@@ -358,14 +359,7 @@ async fn commit_batch(
                 .await?;
         if !derived.is_empty() {
             *outbox = true;
-            let mut encoded = Vec::with_capacity(derived.len());
-            for event in derived {
-                next += 1;
-                encoded.push((
-                    next,
-                    EncodedEvent::encode(event).map_err(StoreError::internal)?,
-                ));
-            }
+            let encoded = number_events(derived, &mut next)?;
             let rows: Vec<(i64, &EncodedEvent)> =
                 encoded.iter().map(|(seq, e)| (*seq, e)).collect();
             insert_events(tx, project, &rows, next).await?;
