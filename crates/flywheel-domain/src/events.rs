@@ -983,6 +983,7 @@ mod tests {
             catalog: Default::default(),
             catalog_version: 0,
             activation: Default::default(),
+            prompts: Default::default(),
         };
         let raw = json!({"event": "signup", "user_id": "u", "context": {"ip": "10.1.2.3"},
                          "properties": {"note": "a@b.co"}});

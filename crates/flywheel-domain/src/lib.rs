@@ -12,9 +12,11 @@ pub mod error;
 pub mod events;
 pub mod flags;
 pub mod growth;
+pub mod identity;
 pub mod keys;
 pub mod privacy;
 pub mod project;
+pub mod prompts;
 pub mod schemas;
 pub mod snapshot;
 

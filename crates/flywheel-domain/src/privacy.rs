@@ -50,6 +50,11 @@ pub struct ProjectSettings {
     /// Property names (case-insensitive, at any depth) whose values are always redacted.
     pub pii_denylist: Vec<String>,
     pub schema_mode: SchemaMode,
+    /// Publishable-key reads of one user's data (the live stream, `decide`,
+    /// prompts) must carry `user_hash`, the user id signed with the
+    /// project's identity secret. Off by default: then knowing a user id is
+    /// enough to read that user's prompts.
+    pub identity_verification: bool,
 }
 
 impl Default for ProjectSettings {
@@ -70,6 +75,7 @@ impl Default for ProjectSettings {
             .map(String::from)
             .to_vec(),
             schema_mode: SchemaMode::Off,
+            identity_verification: false,
         }
     }
 }

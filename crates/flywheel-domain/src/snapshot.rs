@@ -39,6 +39,8 @@ pub struct ProjectConfig {
     pub catalog_version: i64,
     /// Activation rules, applied when events commit (empty: none).
     pub activation: Arc<crate::activation::ActivationRules>,
+    /// Prompt rules, applied by the writes that see their triggers.
+    pub prompts: Arc<crate::prompts::PromptRules>,
 }
 
 /// Who is calling: the outcome of authenticating a request.
@@ -212,6 +214,7 @@ mod tests {
                 catalog: Default::default(),
                 catalog_version: 0,
                 activation: Default::default(),
+                prompts: Default::default(),
             },
             generated,
         )

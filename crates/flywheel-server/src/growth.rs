@@ -54,10 +54,7 @@ pub fn policy(
         referral_window_days: growth.referral_window_days,
         click_model: growth.referral_click_model,
         seats_feature: growth.seats_feature.clone(),
-        billing: Billing {
-            catalog: principal.project.catalog.clone(),
-            grace: billing.grace(),
-        },
+        billing: Billing::for_project(&principal.project, billing.grace()),
     }
 }
 

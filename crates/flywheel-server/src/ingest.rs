@@ -99,12 +99,12 @@ impl Committer {
         events: Vec<EncodedEvent>,
     ) -> Result<Vec<CommitResult>, ApiError> {
         let project = config.project.id;
-        // Meters need the catalog, and so do activation rules over metered usage.
-        let billing = (config.catalog.has_meters() || config.activation.has_feature_conditions())
-            .then(|| Billing {
-                catalog: config.catalog.clone(),
-                grace: self.grace,
-            });
+        // Meters need the catalog, and so do activation rules over metered
+        // usage and prompts (a milestone's prompt shows the org's usage).
+        let billing = (config.catalog.has_meters()
+            || config.activation.has_feature_conditions()
+            || !config.prompts.is_empty())
+        .then(|| Billing::for_project(config, self.grace));
         if events.is_empty() {
             return Ok(Vec::new());
         }

@@ -34,6 +34,7 @@ pub mod enrichment;
 pub mod error;
 pub mod growth;
 pub mod ingest;
+pub mod live;
 pub mod openapi;
 pub mod outbound;
 pub mod projects;
@@ -150,6 +151,16 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         outbox_signal.clone(),
         background.clone(),
     ));
+    let live = live::LiveHub::new(store.clone())
+        .await
+        .context("cannot read the live messages")?;
+    let live_task = tokio::spawn(live::run(
+        live.clone(),
+        outbox_signal.clone(),
+        Duration::from_secs(1),
+        background.clone(),
+    ));
+    let live_closing = CancellationToken::new();
     let state = AppState::new(state::Shared {
         store,
         snapshot: snapshot.clone(),
@@ -174,6 +185,9 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         ),
         flags: Arc::new(settings.flags.clone()),
         profiles,
+        live: live.clone(),
+        live_closing: live_closing.clone(),
+        identity_secrets: Default::default(),
     });
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -183,6 +197,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let shutdown = CancellationToken::new();
     let watcher = tokio::spawn(snapshot::watch(
         snapshot,
+        live,
         Duration::from_millis(settings.snapshot.poll_interval_ms.max(10)),
         background.clone(),
     ));
@@ -207,6 +222,9 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             async move {
                 token.cancelled().await;
                 draining.cancel();
+                // Open streams end now: their clients reconnect elsewhere
+                // and resume from Last-Event-ID.
+                live_closing.cancel();
                 tokio::time::sleep(drain).await;
             }
         };
@@ -236,6 +254,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         for (name, task) in [
             ("webhook sender", webhooks_task),
             ("email sender", emails_task),
+            ("live hub", live_task),
         ] {
             if let Err(error) = task.await {
                 tracing::warn!(error = %error, "the {name} ended abnormally");

@@ -110,6 +110,15 @@ use crate::routes;
         routes::activation::put_activation_rules,
         routes::activation::user_milestones,
         routes::activation::org_milestones,
+        routes::prompts::get_prompt_rules,
+        routes::prompts::put_prompt_rules,
+        routes::prompts::list_prompts,
+        routes::prompts::prompt_stats,
+        routes::prompts::get_prompt,
+        routes::prompts::prompt_event,
+        routes::prompts::decide,
+        routes::prompts::stream,
+        routes::prompts::identity_secret_view,
     ),
     components(schemas(
         crate::error::ErrorEnvelope,
@@ -129,6 +138,7 @@ use crate::routes;
         (name = "webhooks", description = "Outbound webhook endpoints (Standard Webhooks) and their deliveries"),
         (name = "billing", description = "Plans, entitlements and usage: catalog, check, consume, release, subscriptions, grants, overrides"),
         (name = "activation", description = "Activation rules and the milestones they record when events commit"),
+        (name = "prompts", description = "Upgrade prompts fired by milestones and usage, the per-user live stream, decide"),
     )
 )]
 pub struct ApiDoc;

@@ -66,12 +66,20 @@ pub fn next_retry(
 pub struct OutboxSignal {
     webhooks: Notify,
     emails: Notify,
+    /// The live hub: live messages are written beside outbox messages.
+    live: Notify,
 }
 
 impl OutboxSignal {
     pub fn wake(&self) {
         self.webhooks.notify_one();
         self.emails.notify_one();
+        self.live.notify_one();
+    }
+
+    /// Resolves at the next `wake` (or at once if one came since the last).
+    pub async fn live_notified(&self) {
+        self.live.notified().await
     }
 }
 
@@ -93,7 +101,16 @@ pub async fn prune(store: &dyn Store, now: chrono::DateTime<chrono::Utc>, retent
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "cannot prune finished outbound work"),
     }
+    match store.prune_live(now - LIVE_RETENTION).await {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(deleted, "pruned live messages past the resume window"),
+        Err(error) => tracing::warn!(%error, "cannot prune live messages"),
+    }
 }
+
+/// How long live messages stay for streams that reconnect (`Last-Event-ID`):
+/// well past the 5 minutes a stream is promised to resume across.
+pub const LIVE_RETENTION: chrono::Duration = chrono::Duration::hours(1);
 
 /// Sends due webhook deliveries until `stop` is cancelled.
 pub async fn run_webhooks(

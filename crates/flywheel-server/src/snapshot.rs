@@ -132,7 +132,12 @@ impl SnapshotCache {
 
 /// Follows configuration changes made by other processes until cancelled:
 /// LISTEN/NOTIFY where the store offers it, polling otherwise.
-pub async fn watch(cache: Arc<SnapshotCache>, poll_interval: Duration, cancel: CancellationToken) {
+pub async fn watch(
+    cache: Arc<SnapshotCache>,
+    live: Arc<crate::live::LiveHub>,
+    poll_interval: Duration,
+    cancel: CancellationToken,
+) {
     loop {
         let listener = match cache.store.config_listener().await {
             Ok(listener) => listener,
@@ -159,10 +164,14 @@ pub async fn watch(cache: Arc<SnapshotCache>, poll_interval: Duration, cancel: C
                     let applied = match signal {
                         Ok(ConfigSignal::Project(project)) => cache.reload_project(project).await,
                         Ok(ConfigSignal::Resync) => {
-                            // Org changes may have been missed too.
+                            // Org changes and live messages may have been missed too.
                             cache.orgs.clear();
+                            if let Err(error) = live.catch_up().await {
+                                tracing::warn!(%error, "cannot read live messages");
+                            }
                             cache.resync().await
                         }
+                        Ok(ConfigSignal::Live(seqs)) => live.deliver_announced(&seqs).await,
                         Ok(ConfigSignal::OrgChanged {
                             project,
                             org_id,

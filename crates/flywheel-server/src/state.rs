@@ -59,6 +59,12 @@ pub struct Shared {
     pub flags: Arc<crate::settings::FlagSettings>,
     /// Users' profiles for flag-context enrichment.
     pub profiles: Arc<crate::enrichment::ProfileCache>,
+    /// This node's open live streams.
+    pub live: Arc<crate::live::LiveHub>,
+    /// Cancelled when the server starts draining: live streams end.
+    pub live_closing: tokio_util::sync::CancellationToken,
+    /// Projects' identity-verification secrets, once read.
+    pub identity_secrets: dashmap::DashMap<flywheel_domain::project::ProjectId, Arc<str>>,
 }
 
 impl std::fmt::Debug for AppState {

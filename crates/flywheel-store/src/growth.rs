@@ -282,6 +282,41 @@ pub struct PrunedOutbound {
     pub signup_keys: u64,
 }
 
+/// A message for users' open live streams, written in the transaction of
+/// what it reports: to one user (`user_id`) or to every user streaming for
+/// an org (`org_id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveMessage {
+    pub user_id: Option<String>,
+    pub org_id: Option<String>,
+    /// `prompt` or `entitlements`: the SSE event name.
+    pub kind: String,
+    pub payload: serde_json::Value,
+}
+
+/// A live message as stored, with its sequence number (the SSE event id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveRecord {
+    pub seq: i64,
+    pub project: ProjectId,
+    pub message: LiveMessage,
+    pub created_at: DateTime<Utc>,
+}
+
+/// How one prompt rule (and variant) has done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PromptStats {
+    pub rule: String,
+    pub variant: Option<String>,
+    pub created: i64,
+    pub shown: i64,
+    pub clicked: i64,
+    pub dismissed: i64,
+    /// Upgrades credited to a clicked prompt.
+    pub converted: i64,
+}
+
 /// A delivery claimed for sending: the lease runs until the claim's
 /// `lease_until`; if the sender dies, it is due again then.
 #[derive(Debug, Clone, PartialEq)]
@@ -719,4 +754,63 @@ pub trait GrowthStore: Send + Sync {
         id: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<DeliveryRecord>, crate::StoreError>;
+
+    /// Stores a new version of the project's prompt rules (validated by the
+    /// caller) and records the configuration change. Returns the version.
+    async fn put_prompt_rules(
+        &self,
+        project: ProjectId,
+        document: &serde_json::Value,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<i64, crate::StoreError>;
+    /// The current prompt rules and their version (`None`: never written).
+    async fn prompt_rules(
+        &self,
+        project: ProjectId,
+    ) -> Result<Option<(i64, serde_json::Value)>, crate::StoreError>;
+    /// A user's pending prompts at `now` (not clicked, dismissed or
+    /// expired), highest priority first, then newest.
+    async fn pending_prompts(
+        &self,
+        project: ProjectId,
+        user_id: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<flywheel_domain::prompts::Prompt>, crate::StoreError>;
+    async fn get_prompt(
+        &self,
+        project: ProjectId,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<flywheel_domain::prompts::Prompt>, crate::StoreError>;
+    /// Counts per rule and variant.
+    async fn prompt_stats(&self, project: ProjectId) -> Result<Vec<PromptStats>, crate::StoreError>;
+    /// The highest live-message sequence number (0: none).
+    async fn latest_live_seq(&self) -> Result<i64, crate::StoreError>;
+    /// Live messages of every project after `after_seq`, in order (at most
+    /// `limit`).
+    async fn live_messages_after(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<LiveRecord>, crate::StoreError>;
+    /// These live messages (the numbers a NOTIFY announced), in order.
+    async fn live_messages_by_seq(&self, seqs: &[i64]) -> Result<Vec<LiveRecord>, crate::StoreError>;
+    /// What a stream of `user_id` (following `orgs`) missed after
+    /// `after_seq`, in order; on PostgreSQL also the messages numbered at or
+    /// below it that committed in the last `late_commits` (numbers can
+    /// commit out of order there), which the client may see twice.
+    /// Deletes live messages older than `older_than` (past the resume
+    /// window). Returns how many.
+    async fn prune_live(&self, older_than: DateTime<Utc>) -> Result<u64, crate::StoreError>;
+    async fn live_messages_for(
+        &self,
+        project: ProjectId,
+        user_id: &str,
+        orgs: &[String],
+        after_seq: i64,
+        late_since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<LiveRecord>, crate::StoreError>;
 }

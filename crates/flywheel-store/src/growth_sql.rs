@@ -246,9 +246,12 @@ macro_rules! growth_store_impl {
 
             /// What billing writes imply beyond the org rows, in their
             /// transaction: their webhooks (`subscription.changed`,
-            /// `usage.warning`, `usage.limit_reached`) and, the first time
-            /// an org leaves the default plan, a `converted` referral event
-            /// for its owner (actor: whoever brought the owner).
+            /// `usage.warning`, `usage.limit_reached`) and the same as live
+            /// `entitlements` messages to the org's streams; the prompts they
+            /// fire (for the org's owner); an upgrade credited to a clicked
+            /// prompt; and, the first time an org leaves the default plan, a
+            /// `converted` referral event for its owner (actor: whoever
+            /// brought the owner).
             pub(crate) async fn billing_effects(
                 conn: &mut Conn,
                 project: ProjectId,
@@ -256,26 +259,450 @@ macro_rules! growth_store_impl {
                 changes: &[(&OrgState, &OrgState)],
                 now: DateTime<Utc>,
             ) -> Result<bool, StoreError> {
+                billing_effects_by(conn, project, billing, changes, &std::collections::HashMap::new(), now).await
+            }
+
+            /// [`billing_effects`], with the user who moved each org
+            /// (`actors`, by org id) as the recipient of the prompts fired.
+            pub(crate) async fn billing_effects_by(
+                conn: &mut Conn,
+                project: ProjectId,
+                billing: &crate::Billing,
+                changes: &[(&OrgState, &OrgState)],
+                actors: &std::collections::HashMap<String, String>,
+                now: DateTime<Utc>,
+            ) -> Result<bool, StoreError> {
                 use flywheel_domain::billing::notice::{billing_notices, BillingNotice};
+                use flywheel_domain::billing::org::SubscriptionStatus;
+                use flywheel_domain::prompts::TriggerFact;
                 let mut messages = Vec::new();
+                let mut live = Vec::new();
+                let mut triggers = Vec::new();
                 for (before, after) in changes {
                     if before.version == after.version {
                         continue;
                     }
+                    let org_id = after.org_id.clone();
+                    let trigger = |fact: TriggerFact| crate::PromptTrigger {
+                        fact,
+                        user_id: actors.get(&org_id).cloned(),
+                        org_id: Some(org_id.clone()),
+                        org: Some(*after),
+                    };
                     for notice in billing_notices(&billing.catalog, billing.grace, before, after, now) {
                         match notice {
-                            BillingNotice::Webhook { event_type, data } => messages.push(OutboxMessage {
-                                event_type: event_type.to_owned(),
-                                data,
-                            }),
+                            BillingNotice::Webhook { event_type, data } => {
+                                let feature = data.get("feature").and_then(|f| f.as_str()).map(str::to_owned);
+                                match (event_type, feature) {
+                                    ("usage.warning", Some(feature)) => {
+                                        triggers.push(trigger(TriggerFact::UsageWarning { feature }))
+                                    }
+                                    ("usage.limit_reached", Some(feature)) => {
+                                        triggers.push(trigger(TriggerFact::LimitReached { feature, denied: false }))
+                                    }
+                                    ("subscription.changed", _) => {
+                                        let upgraded = data.get("upgrade").and_then(|u| u.as_bool()) == Some(true);
+                                        let plan = data.get("plan").and_then(|p| p.as_str()).map(str::to_owned);
+                                        if let (true, Some(plan)) = (upgraded, plan) {
+                                            messages.extend(credit_prompt(&mut *conn, project, billing, &org_id, &plan, now).await?);
+                                        }
+                                    }
+                                    _ => {}
+                                }
+                                let mut payload = serde_json::Map::new();
+                                payload.insert("type".into(), event_type.into());
+                                if let serde_json::Value::Object(fields) = &data {
+                                    payload.extend(fields.clone());
+                                }
+                                live.push(LiveMessage {
+                                    user_id: None,
+                                    org_id: Some(org_id.clone()),
+                                    kind: "entitlements".into(),
+                                    payload: payload.into(),
+                                });
+                                messages.push(OutboxMessage {
+                                    event_type: event_type.to_owned(),
+                                    data,
+                                });
+                            }
                             BillingNotice::Converted { org_id, to_plan, .. } => {
                                 record_conversion(&mut *conn, project, &org_id, &to_plan, now).await?;
+                                // A first upgrade that is not an `upgrade` by the
+                                // catalog's order is still a conversion.
+                                let credited = messages.iter().any(|m: &OutboxMessage| m.event_type == "prompt.converted");
+                                if !credited {
+                                    messages.extend(credit_prompt(&mut *conn, project, billing, &org_id, &to_plan, now).await?);
+                                }
                             }
                         }
                     }
+                    let status = |state: &OrgState| state.subscription.as_ref().map(|s| s.status);
+                    let (was, is) = (status(before), status(after));
+                    if is == Some(SubscriptionStatus::Trialing) && was != is {
+                        triggers.push(trigger(TriggerFact::TrialEnding { ends_at: None }));
+                    }
+                    if is == Some(SubscriptionStatus::PastDue) && was != is {
+                        let since = after.subscription.as_ref().and_then(|s| s.past_due_since).unwrap_or(now);
+                        triggers.push(trigger(TriggerFact::GraceEnding { ends_at: since + billing.grace }));
+                    }
                 }
-                enqueue(conn, project, &messages, now).await?;
+                let prompted = raise_prompts(&mut *conn, project, billing, &triggers, now).await?;
+                enqueue(&mut *conn, project, &messages, now).await?;
+                publish_live(&mut *conn, project, &live, now).await?;
+                Ok(prompted || !messages.is_empty())
+            }
+
+            /// Writes live messages for users' open streams, in the
+            /// transaction of what they report; other nodes learn their
+            /// numbers by NOTIFY (PostgreSQL), this node by the outbox wake-up.
+            pub(crate) async fn publish_live(
+                conn: &mut Conn,
+                project: ProjectId,
+                messages: &[LiveMessage],
+                now: DateTime<Utc>,
+            ) -> Result<(), StoreError> {
+                if messages.is_empty() {
+                    return Ok(());
+                }
+                let mut seqs = Vec::with_capacity(messages.len());
+                for message in messages {
+                    let seq: i64 = sqlx::query_scalar(
+                        "INSERT INTO live_messages (project_id, user_id, org_id, kind, payload, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                    )
+                    .bind(g_project(project))
+                    .bind(&message.user_id)
+                    .bind(&message.org_id)
+                    .bind(&message.kind)
+                    .bind(g_json(&message.payload))
+                    .bind(g_time(now))
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    seqs.push(seq);
+                }
+                g_notify_live(&mut *conn, &seqs).await
+            }
+
+            fn live_from(row: &DbRow) -> Result<LiveRecord, StoreError> {
+                Ok(LiveRecord {
+                    seq: row.try_get("seq")?,
+                    project: g_read_project(row, "project_id")?,
+                    message: LiveMessage {
+                        user_id: row.try_get("user_id")?,
+                        org_id: row.try_get("org_id")?,
+                        kind: row.try_get("kind")?,
+                        payload: g_read_json(row, "payload")?,
+                    },
+                    created_at: g_read_time(row, "created_at")?,
+                })
+            }
+
+            const LIVE_COLUMNS: &str = "seq, project_id, user_id, org_id, kind, payload, created_at";
+
+            const PROMPT_COLUMNS: &str = "id, body, shown_at, clicked_at, dismissed_at, converted_at, converted_plan";
+
+            fn prompt_from(
+                row: &DbRow,
+                now: DateTime<Utc>,
+            ) -> Result<flywheel_domain::prompts::Prompt, StoreError> {
+                let mut prompt: flywheel_domain::prompts::Prompt =
+                    serde_json::from_value(g_read_json(row, "body")?).map_err(StoreError::internal)?;
+                prompt.shown_at = g_read_opt_time(row, "shown_at")?;
+                prompt.clicked_at = g_read_opt_time(row, "clicked_at")?;
+                prompt.dismissed_at = g_read_opt_time(row, "dismissed_at")?;
+                prompt.converted_at = g_read_opt_time(row, "converted_at")?;
+                prompt.converted_plan = row.try_get("converted_plan")?;
+                prompt.status = prompt.status_at(now);
+                Ok(prompt)
+            }
+
+            /// Creates the prompts that `triggers` fire, in their
+            /// transaction: for each matching rule (highest priority first)
+            /// and recipient, unless the rule's frequency cap holds or the
+            /// audience flag serves a variant without copy. Each prompt is
+            /// rendered now, stored, sent as a `prompt.created` webhook and
+            /// as a live message to its user's streams. Returns whether
+            /// anything was written.
+            pub(crate) async fn raise_prompts(
+                conn: &mut Conn,
+                project: ProjectId,
+                billing: &crate::Billing,
+                triggers: &[crate::PromptTrigger<'_>],
+                now: DateTime<Utc>,
+            ) -> Result<bool, StoreError> {
+                use flywheel_domain::prompts::{
+                    choose_content, deadline_variables, instantiate, plan_variables, usage_variables,
+                    TriggerFact,
+                };
+                let Some(prompting) = &billing.prompting else {
+                    return Ok(false);
+                };
+                let mut messages = Vec::new();
+                let mut live = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for trigger in triggers {
+                    let rules = prompting.rules.matching(&trigger.fact);
+                    if rules.is_empty() {
+                        continue;
+                    }
+                    let owned_state;
+                    let state = match (trigger.org, &trigger.org_id) {
+                        (Some(state), _) => Some(state),
+                        (None, Some(org_id)) => {
+                            owned_state = g_read_org(&mut *conn, project, org_id, now).await?;
+                            Some(&owned_state)
+                        }
+                        (None, None) => None,
+                    };
+                    let user = match (&trigger.user_id, &trigger.org_id) {
+                        (Some(user), _) => Some(user.clone()),
+                        (None, Some(org_id)) => {
+                            let row = sqlx::query(
+                                "SELECT owner_user_id FROM org_profiles WHERE project_id = $1 AND org_id = $2",
+                            )
+                            .bind(g_project(project))
+                            .bind(org_id)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                            match row {
+                                Some(row) => row.try_get::<Option<String>, _>("owner_user_id")?,
+                                None => None,
+                            }
+                        }
+                        (None, None) => None,
+                    };
+                    let Some(user) = user else {
+                        metrics::counter!("flywheel_prompts_skipped_total", "reason" => "no_recipient").increment(1);
+                        continue;
+                    };
+                    for rule in rules {
+                        if !seen.insert((rule.key.clone(), user.clone())) {
+                            continue;
+                        }
+                        let last = sqlx::query(
+                            "SELECT created_at FROM prompts WHERE project_id = $1 AND rule = $2 AND user_id = $3 \
+                             ORDER BY created_at DESC LIMIT 1",
+                        )
+                        .bind(g_project(project))
+                        .bind(&rule.key)
+                        .bind(&user)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        let last = match last {
+                            Some(row) => Some(g_read_time(&row, "created_at")?),
+                            None => None,
+                        };
+                        if !rule.frequency.allows(last, now) {
+                            metrics::counter!("flywheel_prompts_skipped_total", "reason" => "frequency_cap").increment(1);
+                            continue;
+                        }
+                        let plan = state.and_then(|state| {
+                            state.access(&billing.catalog, billing.grace, now).plan.map(|(_, plan)| plan.key.clone())
+                        });
+                        let served: Option<String> = match &rule.audience {
+                            None => None,
+                            Some(audience) => {
+                                let mut context = serde_json::Map::new();
+                                context.insert("targetingKey".into(), user.clone().into());
+                                context.insert("user_id".into(), user.clone().into());
+                                if let Some(org) = &trigger.org_id {
+                                    context.insert("org_id".into(), org.clone().into());
+                                }
+                                if let Some(plan) = &plan {
+                                    context.insert("plan".into(), plan.clone().into());
+                                }
+                                prompting
+                                    .flags
+                                    .evaluate(&audience.flag, &context, now.timestamp())
+                                    .variant
+                                    .map(str::to_owned)
+                            }
+                        };
+                        let Some((variant, content)) = choose_content(rule, served.as_deref()) else {
+                            metrics::counter!("flywheel_prompts_skipped_total", "reason" => "audience").increment(1);
+                            continue;
+                        };
+                        let mut variables = serde_json::Map::new();
+                        let feature = trigger.fact.feature().or(rule.trigger.feature());
+                        match (feature, state) {
+                            (Some(feature), Some(state)) => {
+                                usage_variables(&billing.catalog, state, feature, billing.grace, now, &mut variables)
+                            }
+                            _ => plan_variables(&billing.catalog, plan.as_deref(), &mut variables),
+                        }
+                        match &trigger.fact {
+                            TriggerFact::Milestone { rule } => {
+                                variables.insert("milestone".into(), rule.clone().into());
+                            }
+                            TriggerFact::GraceEnding { ends_at }
+                            | TriggerFact::TrialEnding { ends_at: Some(ends_at) } => {
+                                deadline_variables(*ends_at, now, &mut variables)
+                            }
+                            _ => {}
+                        }
+                        let prompt = instantiate(
+                            format!("prm_{}", uuid::Uuid::now_v7().simple()),
+                            rule,
+                            variant,
+                            content,
+                            &user,
+                            trigger.org_id.as_deref(),
+                            variables,
+                            now,
+                        );
+                        let body = serde_json::to_value(&prompt).map_err(StoreError::internal)?;
+                        sqlx::query(
+                            "INSERT INTO prompts (id, project_id, rule, user_id, org_id, variant, priority, body, \
+                             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                        )
+                        .bind(&prompt.id)
+                        .bind(g_project(project))
+                        .bind(&prompt.rule)
+                        .bind(&prompt.user_id)
+                        .bind(&prompt.org_id)
+                        .bind(&prompt.variant)
+                        .bind(prompt.priority)
+                        .bind(g_json(&body))
+                        .bind(g_time(prompt.created_at))
+                        .bind(g_time(prompt.expires_at))
+                        .execute(&mut *conn)
+                        .await?;
+                        metrics::counter!("flywheel_prompts_created_total").increment(1);
+                        messages.push(OutboxMessage { event_type: "prompt.created".into(), data: body.clone() });
+                        live.push(LiveMessage {
+                            user_id: Some(prompt.user_id.clone()),
+                            org_id: None,
+                            kind: "prompt".into(),
+                            payload: body,
+                        });
+                    }
+                }
+                enqueue(&mut *conn, project, &messages, now).await?;
+                publish_live(&mut *conn, project, &live, now).await?;
                 Ok(!messages.is_empty())
+            }
+
+            /// Fires `limit_reached` prompts for the `consume`s of a group
+            /// that were denied at a hard limit (nothing else changed, so
+            /// `billing_effects` saw nothing), for each one's acting user.
+            pub(crate) async fn denied_consume_prompts(
+                conn: &mut Conn,
+                requests: &[crate::OrgRequest],
+                results: &[crate::OrgResult],
+                states: &[(ProjectId, Arc<OrgState>)],
+            ) -> Result<bool, StoreError> {
+                let mut wrote = false;
+                for (request, feature) in crate::denied_consumes(requests, results) {
+                    let state = states
+                        .iter()
+                        .find(|(project, state)| *project == request.project && state.org_id == request.org_id)
+                        .map(|(_, state)| state.as_ref());
+                    let trigger = crate::PromptTrigger {
+                        fact: flywheel_domain::prompts::TriggerFact::LimitReached { feature, denied: true },
+                        user_id: request.actor_user_id.clone(),
+                        org_id: Some(request.org_id.clone()),
+                        org: state,
+                    };
+                    wrote |= raise_prompts(&mut *conn, request.project, &request.billing, &[trigger], request.now).await?;
+                }
+                Ok(wrote)
+            }
+
+            /// Records `$prompt_shown`/`$prompt_clicked`/`$prompt_dismissed`
+            /// events on their prompts (`properties.prompt_id`), in the
+            /// events' transaction: the first time of each counts. Only the
+            /// prompt's own user can act on it.
+            pub(crate) async fn apply_prompt_actions(
+                conn: &mut Conn,
+                project: ProjectId,
+                fresh: &[(i64, &flywheel_domain::events::Event)],
+            ) -> Result<(), StoreError> {
+                use flywheel_domain::prompts::PromptAction;
+                for (_, event) in fresh {
+                    let Some(action) = PromptAction::from_event_name(&event.event) else {
+                        continue;
+                    };
+                    let (Some(prompt_id), Some(user)) = (
+                        event.properties.get("prompt_id").and_then(|id| id.as_str()),
+                        event.user_id.as_deref(),
+                    ) else {
+                        continue;
+                    };
+                    let column = match action {
+                        PromptAction::Shown => "shown_at",
+                        PromptAction::Clicked => "clicked_at",
+                        PromptAction::Dismissed => "dismissed_at",
+                    };
+                    sqlx::query(&format!(
+                        "UPDATE prompts SET {column} = $1 WHERE project_id = $2 AND id = $3 AND user_id = $4 \
+                         AND {column} IS NULL"
+                    ))
+                    .bind(g_time(event.timestamp))
+                    .bind(g_project(project))
+                    .bind(prompt_id)
+                    .bind(user)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            /// Credits an upgrade of `org_id` to `plan` to the org's most
+            /// recently clicked prompt within the attribution window (once
+            /// per prompt). Returns the `prompt.converted` webhook.
+            async fn credit_prompt(
+                conn: &mut Conn,
+                project: ProjectId,
+                billing: &crate::Billing,
+                org_id: &str,
+                plan: &str,
+                now: DateTime<Utc>,
+            ) -> Result<Option<OutboxMessage>, StoreError> {
+                let window = billing
+                    .prompting
+                    .as_ref()
+                    .map_or(chrono::Duration::days(i64::from(flywheel_domain::prompts::DEFAULT_ATTRIBUTION_DAYS)), |p| {
+                        p.rules.attribution_window()
+                    });
+                let row = sqlx::query(&format!(
+                    "SELECT {PROMPT_COLUMNS} FROM prompts WHERE project_id = $1 AND org_id = $2 \
+                     AND clicked_at IS NOT NULL AND clicked_at >= $3 AND converted_at IS NULL \
+                     ORDER BY clicked_at DESC LIMIT 1{}",
+                    $lock
+                ))
+                .bind(g_project(project))
+                .bind(org_id)
+                .bind(g_time(now - window))
+                .fetch_optional(&mut *conn)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let mut prompt = prompt_from(&row, now)?;
+                sqlx::query("UPDATE prompts SET converted_at = $1, converted_plan = $2 WHERE project_id = $3 AND id = $4")
+                    .bind(g_time(now))
+                    .bind(plan)
+                    .bind(g_project(project))
+                    .bind(&prompt.id)
+                    .execute(&mut *conn)
+                    .await?;
+                prompt.converted_at = Some(now);
+                prompt.converted_plan = Some(plan.to_owned());
+                metrics::counter!("flywheel_prompt_conversions_total").increment(1);
+                Ok(Some(OutboxMessage {
+                    event_type: "prompt.converted".into(),
+                    data: serde_json::json!({
+                        "prompt_id": prompt.id,
+                        "rule": prompt.rule,
+                        "variant": prompt.variant,
+                        "flag": prompt.flag,
+                        "user_id": prompt.user_id,
+                        "org_id": org_id,
+                        "plan": plan,
+                        "clicked_at": prompt.clicked_at,
+                        "converted_at": now,
+                    }),
+                }))
             }
 
             /// Follows the project's activation rules over a batch's new
@@ -411,6 +838,7 @@ macro_rules! growth_store_impl {
 
                 let mut derived = Vec::new();
                 let mut messages = Vec::new();
+                let mut triggers = Vec::new();
                 for &(i, scope, id) in &touches {
                     let (_, event) = fresh[i];
                     let subject = subjects.get_mut(&(scope, id)).expect("loaded above");
@@ -497,6 +925,15 @@ macro_rules! growth_store_impl {
                                 org_id: event.org_id.clone(),
                             }, now).await?;
                         }
+                        triggers.push(crate::PromptTrigger {
+                            fact: flywheel_domain::prompts::TriggerFact::Milestone { rule: milestone.rule.clone() },
+                            user_id: match scope {
+                                Scope::User => Some(id.to_owned()),
+                                Scope::Org => event.user_id.clone(),
+                            },
+                            org_id: event.org_id.clone(),
+                            org: None,
+                        });
                         messages.push(OutboxMessage {
                             event_type: "milestone.reached".into(),
                             data: serde_json::to_value(&milestone).map_err(StoreError::internal)?,
@@ -522,6 +959,9 @@ macro_rules! growth_store_impl {
                     }
                 }
                 enqueue(&mut *conn, project, &messages, now).await?;
+                if let Some(billing) = billing {
+                    raise_prompts(&mut *conn, project, billing, &triggers, now).await?;
+                }
                 Ok(derived)
             }
 
@@ -2983,6 +3423,207 @@ macro_rules! growth_store_impl {
                         .transpose()?;
                     tx.commit().await?;
                     Ok(record)
+                }
+
+                async fn put_prompt_rules(
+                    &self,
+                    project: ProjectId,
+                    document: &serde_json::Value,
+                    actor: &str,
+                    now: DateTime<Utc>,
+                ) -> Result<i64, StoreError> {
+                    let mut tx = self.g_begin().await?;
+                    let latest: Option<i64> = sqlx::query_scalar(
+                        "SELECT MAX(version) FROM prompt_rule_versions WHERE project_id = $1",
+                    )
+                    .bind(g_project(project))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let version = latest.unwrap_or(0) + 1;
+                    sqlx::query(
+                        "INSERT INTO prompt_rule_versions (project_id, version, document, actor, created_at) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(g_project(project))
+                    .bind(version)
+                    .bind(g_json(document))
+                    .bind(actor)
+                    .bind(g_time(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "prompt_rules"))?;
+                    <$store>::record_change(&mut tx, project, "prompt_rules", now).await?;
+                    tx.commit().await?;
+                    Ok(version)
+                }
+
+                async fn prompt_rules(
+                    &self,
+                    project: ProjectId,
+                ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+                    let row = sqlx::query(
+                        "SELECT version, document FROM prompt_rule_versions WHERE project_id = $1 \
+                         ORDER BY version DESC LIMIT 1",
+                    )
+                    .bind(g_project(project))
+                    .fetch_optional(self.g_reader())
+                    .await?;
+                    match row {
+                        Some(row) => Ok(Some((row.try_get("version")?, g_read_json(&row, "document")?))),
+                        None => Ok(None),
+                    }
+                }
+
+                async fn pending_prompts(
+                    &self,
+                    project: ProjectId,
+                    user_id: &str,
+                    now: DateTime<Utc>,
+                    limit: u32,
+                ) -> Result<Vec<flywheel_domain::prompts::Prompt>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {PROMPT_COLUMNS} FROM prompts WHERE project_id = $1 AND user_id = $2 \
+                         AND clicked_at IS NULL AND dismissed_at IS NULL AND expires_at > $3 \
+                         ORDER BY priority DESC, created_at DESC, id DESC LIMIT $4"
+                    ))
+                    .bind(g_project(project))
+                    .bind(user_id)
+                    .bind(g_time(now))
+                    .bind(i64::from(limit))
+                    .fetch_all(self.g_reader())
+                    .await?;
+                    rows.iter().map(|row| prompt_from(row, now)).collect()
+                }
+
+                async fn get_prompt(
+                    &self,
+                    project: ProjectId,
+                    id: &str,
+                    now: DateTime<Utc>,
+                ) -> Result<Option<flywheel_domain::prompts::Prompt>, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {PROMPT_COLUMNS} FROM prompts WHERE project_id = $1 AND id = $2"
+                    ))
+                    .bind(g_project(project))
+                    .bind(id)
+                    .fetch_optional(self.g_reader())
+                    .await?;
+                    row.as_ref().map(|row| prompt_from(row, now)).transpose()
+                }
+
+                async fn prompt_stats(&self, project: ProjectId) -> Result<Vec<PromptStats>, StoreError> {
+                    let rows = sqlx::query(
+                        "SELECT rule, variant, COUNT(*) AS created, COUNT(shown_at) AS shown, \
+                         COUNT(clicked_at) AS clicked, COUNT(dismissed_at) AS dismissed, \
+                         COUNT(converted_at) AS converted FROM prompts WHERE project_id = $1 \
+                         GROUP BY rule, variant ORDER BY rule, variant",
+                    )
+                    .bind(g_project(project))
+                    .fetch_all(self.g_reader())
+                    .await?;
+                    rows.iter()
+                        .map(|row| {
+                            Ok(PromptStats {
+                                rule: row.try_get("rule")?,
+                                variant: row.try_get("variant")?,
+                                created: row.try_get("created")?,
+                                shown: row.try_get("shown")?,
+                                clicked: row.try_get("clicked")?,
+                                dismissed: row.try_get("dismissed")?,
+                                converted: row.try_get("converted")?,
+                            })
+                        })
+                        .collect()
+                }
+
+                async fn latest_live_seq(&self) -> Result<i64, StoreError> {
+                    let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM live_messages")
+                        .fetch_one(self.g_reader())
+                        .await?;
+                    Ok(latest.unwrap_or(0))
+                }
+
+                async fn live_messages_after(&self, after_seq: i64, limit: u32) -> Result<Vec<LiveRecord>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {LIVE_COLUMNS} FROM live_messages WHERE seq > $1 ORDER BY seq LIMIT $2"
+                    ))
+                    .bind(after_seq)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.g_reader())
+                    .await?;
+                    rows.iter().map(live_from).collect()
+                }
+
+                async fn live_messages_by_seq(&self, seqs: &[i64]) -> Result<Vec<LiveRecord>, StoreError> {
+                    let (Some(low), Some(high)) = (seqs.iter().min(), seqs.iter().max()) else {
+                        return Ok(Vec::new());
+                    };
+                    // One commit's numbers are close together: a range, filtered.
+                    let wanted: std::collections::HashSet<i64> = seqs.iter().copied().collect();
+                    let rows = sqlx::query(&format!(
+                        "SELECT {LIVE_COLUMNS} FROM live_messages WHERE seq >= $1 AND seq <= $2 ORDER BY seq"
+                    ))
+                    .bind(*low)
+                    .bind(*high)
+                    .fetch_all(self.g_reader())
+                    .await?;
+                    let mut records = Vec::with_capacity(seqs.len());
+                    for row in &rows {
+                        let record = live_from(row)?;
+                        if wanted.contains(&record.seq) {
+                            records.push(record);
+                        }
+                    }
+                    Ok(records)
+                }
+
+                async fn prune_live(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+                    let mut tx = self.g_begin().await?;
+                    let deleted = sqlx::query("DELETE FROM live_messages WHERE created_at < $1")
+                        .bind(g_time(older_than))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    tx.commit().await?;
+                    Ok(deleted)
+                }
+
+                async fn live_messages_for(
+                    &self,
+                    project: ProjectId,
+                    user_id: &str,
+                    orgs: &[String],
+                    after_seq: i64,
+                    late_since: DateTime<Utc>,
+                    limit: u32,
+                ) -> Result<Vec<LiveRecord>, StoreError> {
+                    let org_list = (0..orgs.len())
+                        .map(|i| format!("${}", i + 6))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let audience = if orgs.is_empty() {
+                        "user_id = $2".to_owned()
+                    } else {
+                        format!("(user_id = $2 OR org_id IN ({org_list}))")
+                    };
+                    // Where numbers can commit out of order, messages numbered
+                    // below the cursor that committed lately may be new.
+                    let late = if g_late_commits() { " OR (seq <= $3 AND created_at >= $4)" } else { " OR $4 IS NULL" };
+                    let sql = format!(
+                        "SELECT {LIVE_COLUMNS} FROM live_messages WHERE project_id = $1 AND {audience} \
+                         AND (seq > $3{late}) ORDER BY seq LIMIT $5"
+                    );
+                    let mut query = sqlx::query(&sql)
+                        .bind(g_project(project))
+                        .bind(user_id)
+                        .bind(after_seq)
+                        .bind(g_time(late_since))
+                        .bind(i64::from(limit));
+                    for org in orgs {
+                        query = query.bind(org);
+                    }
+                    let rows = query.fetch_all(self.g_reader()).await?;
+                    rows.iter().map(live_from).collect()
                 }
             }
 

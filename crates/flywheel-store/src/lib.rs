@@ -107,6 +107,8 @@ pub enum ConfigSignal {
         org_id: String,
         version: i64,
     },
+    /// Live messages were committed (by any node) with these numbers.
+    Live(Vec<i64>),
 }
 
 /// Pushes configuration changes made by any process on the same store.
@@ -144,6 +146,81 @@ pub struct Billing {
     pub catalog: Arc<Catalog>,
     /// How long a `past_due` subscription keeps its plan.
     pub grace: chrono::Duration,
+    /// The project's prompt rules, when it has any: billing writes and
+    /// milestones that fire them create prompts in their transaction.
+    pub prompting: Option<Arc<Prompting>>,
+}
+
+impl Billing {
+    /// The rules a write for `config`'s project runs under.
+    pub fn for_project(config: &ProjectConfig, grace: chrono::Duration) -> Self {
+        Self {
+            catalog: config.catalog.clone(),
+            grace,
+            prompting: (!config.prompts.is_empty()).then(|| {
+                Arc::new(Prompting {
+                    rules: config.prompts.clone(),
+                    flags: config.flags.clone(),
+                })
+            }),
+        }
+    }
+}
+
+/// Something a transaction saw that may fire prompt rules, and whom for:
+/// `user_id` (the acting user), else the owner of `org_id`.
+pub(crate) struct PromptTrigger<'a> {
+    pub fact: flywheel_domain::prompts::TriggerFact,
+    pub user_id: Option<String>,
+    pub org_id: Option<String>,
+    /// The org's billing state as this transaction leaves it, when known.
+    pub org: Option<&'a OrgState>,
+}
+
+/// The `consume`s of a group the rules refused at a limit: each fires
+/// `limit_reached` prompts for its acting user.
+pub(crate) fn denied_consumes<'a>(
+    requests: &'a [OrgRequest],
+    results: &[OrgResult],
+) -> Vec<(&'a OrgRequest, String)> {
+    use flywheel_domain::billing::org::Reason;
+    requests
+        .iter()
+        .zip(results)
+        .filter_map(|(request, result)| match (&request.command, result) {
+            (OrgCommand::Consume { feature, .. }, OrgResult::Applied(Reply::Usage(answer)))
+                if !answer.allowed && answer.reason == Some(Reason::LimitReached) =>
+            {
+                Some((request, feature.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The user acting in each org's latest request of `project` that names one.
+pub(crate) fn request_actors(requests: &[OrgRequest], project: ProjectId) -> HashMap<String, String> {
+    requests
+        .iter()
+        .filter(|request| request.project == project)
+        .filter_map(|request| Some((request.org_id.clone(), request.actor_user_id.clone()?)))
+        .collect()
+}
+
+/// The user each org's usage was last moved by, among new events.
+pub(crate) fn event_actors(events: &[&Event]) -> HashMap<String, String> {
+    events
+        .iter()
+        .filter_map(|event| Some((event.org_id.clone()?, event.user_id.clone()?)))
+        .collect()
+}
+
+/// What creating prompts needs: the rules, and the flags their audiences
+/// name (a prompt's copy is the variant its flag serves the user).
+#[derive(Debug)]
+pub struct Prompting {
+    pub rules: Arc<flywheel_domain::prompts::PromptRules>,
+    pub flags: Arc<flywheel_flags::CompiledFlagSet>,
 }
 
 /// The outcome of [`Store::commit_events`].
@@ -157,6 +234,7 @@ pub struct EventCommit {
     pub outbox: bool,
 }
 
+
 /// A write to one org's billing state.
 #[derive(Debug, Clone)]
 pub struct OrgRequest {
@@ -167,6 +245,9 @@ pub struct OrgRequest {
     pub idempotency_key: Option<String>,
     pub billing: Billing,
     pub now: DateTime<Utc>,
+    /// The product's user acting (`consume` for a user): the one a prompt
+    /// the write fires is for. `None`: the org's owner.
+    pub actor_user_id: Option<String>,
 }
 
 impl OrgRequest {
@@ -821,6 +902,29 @@ pub(crate) fn compile_stored_catalog(
         Err(problems) => {
             for problem in problems {
                 tracing::error!(project = %project.0, %problem, "the stored catalog does not compile; running without it");
+            }
+            Arc::default()
+        }
+    }
+}
+
+/// The stored prompt rules of a project, like the activation rules.
+pub(crate) fn compile_stored_prompts(
+    project: ProjectId,
+    document: serde_json::Value,
+) -> Arc<flywheel_domain::prompts::PromptRules> {
+    let parsed = serde_json::from_value::<flywheel_domain::prompts::PromptRules>(document)
+        .map_err(|error| vec![error.to_string()])
+        .and_then(|rules| {
+            rules
+                .validate()
+                .map_err(|problems| problems.into_iter().map(|p| p.message).collect())
+        });
+    match parsed {
+        Ok(rules) => Arc::new(rules),
+        Err(problems) => {
+            for problem in problems {
+                tracing::error!(project = %project.0, %problem, "the stored prompt rules do not check; running without them");
             }
             Arc::default()
         }

@@ -42,6 +42,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// The NOTIFY channel carrying `"{project_id} {version} {org_id}"` for every
 /// write to an org's billing state, so other nodes drop stale cache entries.
 pub const ORG_CHANNEL: &str = "flywheel_org_changes";
+/// Announces committed live messages by number (`12,13,14`).
+pub const LIVE_CHANNEL: &str = "flywheel_live";
 
 /// The NOTIFY channel carrying changed project ids.
 pub const CONFIG_CHANNEL: &str = "flywheel_config_changes";
@@ -165,10 +167,25 @@ impl PgStore {
             ),
             None => Default::default(),
         };
+        let prompt_row = sqlx::query(
+            "SELECT document FROM prompt_rule_versions WHERE project_id = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(project.id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        let prompts = match prompt_row {
+            Some(row) => crate::compile_stored_prompts(
+                project.id,
+                row.try_get::<serde_json::Value, _>("document")?,
+            ),
+            None => Default::default(),
+        };
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
             catalog_version,
             activation,
+            prompts,
             project,
             keys,
             settings,
@@ -345,6 +362,12 @@ async fn commit_batch(
         .map(|(seq, encoded)| (*seq, &encoded.event))
         .collect();
     apply_effects(tx, project, &fresh).await?;
+    if fresh
+        .iter()
+        .any(|(_, event)| event.event.starts_with("$prompt_"))
+    {
+        growth_impl::apply_prompt_actions(tx, batch.project, &fresh).await?;
+    }
     if let Some(billing) = &batch.billing {
         let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
         let (states, wrote) = apply_meters(tx, project, billing, &events).await?;
@@ -1310,15 +1333,24 @@ impl Store for PgStore {
                         .filter(|request| request.project == key.0 && request.org_id == key.1);
                     let first = naming.next().expect("every org was named by a request");
                     let now = naming.fold(first.now, |latest, request| latest.max(request.now));
-                    commit.outbox |=
-                        growth_impl::billing_effects(&mut tx, key.0, &first.billing, &[(&before[&key], saved)], now)
-                            .await?;
+                    let actors = crate::request_actors(requests, key.0);
+                    commit.outbox |= growth_impl::billing_effects_by(
+                        &mut tx,
+                        key.0,
+                        &first.billing,
+                        &[(&before[&key], saved)],
+                        &actors,
+                        now,
+                    )
+                    .await?;
                 }
                 // Changed or not, this is the latest committed state (the
                 // org was locked): it refreshes caches either way.
                 let state = saved.unwrap_or_else(|| before[&key].clone());
                 commit.orgs.push((key.0, std::sync::Arc::new(state)));
             }
+            commit.outbox |=
+                growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;
             for (project, key, fingerprint, reply, at) in fresh {
                 sqlx::query(
                     "INSERT INTO org_requests (project_id, idempotency_key, fingerprint, reply, created_at) \
@@ -1340,7 +1372,7 @@ impl Store for PgStore {
 
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen_all([CONFIG_CHANNEL, ORG_CHANNEL]).await?;
+        listener.listen_all([CONFIG_CHANNEL, ORG_CHANNEL, LIVE_CHANNEL]).await?;
         Ok(Some(Box::new(PgConfigListener { listener })))
     }
 }
@@ -1356,6 +1388,11 @@ impl ConfigListener for PgConfigListener {
         // re-established: notifications sent meanwhile are lost.
         match self.listener.try_recv().await? {
             None => Ok(ConfigSignal::Resync),
+            Some(notification) if notification.channel() == LIVE_CHANNEL => {
+                let seqs: Result<Vec<i64>, _> =
+                    notification.payload().split(',').map(str::parse).collect();
+                Ok(seqs.map(ConfigSignal::Live).unwrap_or(ConfigSignal::Resync))
+            }
             Some(notification) if notification.channel() == ORG_CHANNEL => {
                 Ok(parse_org_notification(notification.payload()).unwrap_or(ConfigSignal::Resync))
             }
@@ -1578,6 +1615,7 @@ async fn apply_meters(
         .max()
         .expect("inputs come from events");
     let org_ids: Vec<String> = inputs.iter().map(|(org, ..)| org.clone()).collect();
+    let actors = crate::event_actors(events);
     let mut states = load_orgs_in(conn, project, &org_ids, now, true).await?;
     let before = states.clone();
     let mut readings = Vec::with_capacity(inputs.len());
@@ -1615,11 +1653,12 @@ async fn apply_meters(
     for org in orgs {
         let after = states.remove(&org).expect("listed above");
         if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
-            wrote |= growth_impl::billing_effects(
+            wrote |= growth_impl::billing_effects_by(
                 conn,
                 ProjectId(project),
                 billing,
                 &[(&before[&org], &state)],
+                &actors,
                 now,
             )
             .await?;
@@ -1642,6 +1681,29 @@ impl PgStore {
     fn g_reader(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// Announces live messages to every node at commit.
+async fn g_notify_live(conn: &mut PgConnection, seqs: &[i64]) -> Result<(), StoreError> {
+    // NOTIFY payloads stop at 8,000 bytes: a few hundred numbers each.
+    for chunk in seqs.chunks(400) {
+        let payload = chunk
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LIVE_CHANNEL)
+            .bind(payload)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Identity values can commit out of order here.
+fn g_late_commits() -> bool {
+    true
 }
 
 fn g_project(project: ProjectId) -> Uuid {

@@ -162,10 +162,25 @@ impl SqliteStore {
             ),
             None => Default::default(),
         };
+        let prompt_row = sqlx::query(
+            "SELECT document FROM prompt_rule_versions WHERE project_id = ? \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&id)
+        .fetch_optional(&self.reader)
+        .await?;
+        let prompts = match prompt_row {
+            Some(row) => crate::compile_stored_prompts(
+                project.id,
+                from_json_text(&row.try_get::<String, _>("document")?)?,
+            ),
+            None => Default::default(),
+        };
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
             catalog_version,
             activation,
+            prompts,
             project,
             keys,
             settings,
@@ -372,6 +387,12 @@ async fn commit_batch(
         .map(|(seq, encoded)| (*seq, &encoded.event))
         .collect();
     apply_effects(tx, &project, &fresh).await?;
+    if fresh
+        .iter()
+        .any(|(_, event)| event.event.starts_with("$prompt_"))
+    {
+        growth_impl::apply_prompt_actions(tx, batch.project, &fresh).await?;
+    }
     if let Some(billing) = &batch.billing {
         let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
         let (states, wrote) = apply_meters(tx, &project, billing, &events).await?;
@@ -1391,14 +1412,24 @@ impl Store for SqliteStore {
                     .iter()
                     .map(|after| (&before[&(*project, after.org_id.clone())], after))
                     .collect();
-                commit.outbox |=
-                    growth_impl::billing_effects(&mut tx, *project, &group[0].billing, &changes, now).await?;
+                let actors = crate::request_actors(requests, *project);
+                commit.outbox |= growth_impl::billing_effects_by(
+                    &mut tx,
+                    *project,
+                    &group[0].billing,
+                    &changes,
+                    &actors,
+                    now,
+                )
+                .await?;
                 // Changed or not, each is the latest committed state (this
                 // transaction held the write lock): it refreshes caches.
                 commit
                     .orgs
                     .extend(saved.into_iter().map(|state| (*project, std::sync::Arc::new(state))));
             }
+            commit.outbox |=
+                growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;
             for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
                 let mut rows = Vec::with_capacity(chunk.len());
                 for (project, key, fingerprint, reply, at) in chunk {
@@ -1718,7 +1749,9 @@ async fn apply_meters(
         .map(|after| (&before[&after.org_id], after))
         .collect();
     let project_id = ProjectId(uuid::Uuid::parse_str(project).map_err(StoreError::internal)?);
-    let wrote = growth_impl::billing_effects(conn, project_id, billing, &changes, now).await?;
+    let actors = crate::event_actors(events);
+    let wrote =
+        growth_impl::billing_effects_by(conn, project_id, billing, &changes, &actors, now).await?;
     // Only the orgs the events changed (the others were only read).
     let changed = saved
         .into_iter()
@@ -1740,6 +1773,17 @@ impl SqliteStore {
     fn g_reader(&self) -> &SqlitePool {
         &self.reader
     }
+}
+
+/// The single writer numbers live messages in commit order; this node is
+/// woken by the outbox signal, and nothing else needs telling.
+async fn g_notify_live(_conn: &mut SqliteConnection, _seqs: &[i64]) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Numbers commit in order under the single writer.
+fn g_late_commits() -> bool {
+    false
 }
 
 fn g_project(project: ProjectId) -> String {

@@ -57,6 +57,7 @@ fn billing() -> Billing {
             Catalog::compile(serde_json::from_value(catalog_json()).unwrap()).unwrap(),
         ),
         grace: Duration::days(7),
+        prompting: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn request(
         idempotency_key: key.map(Into::into),
         billing: billing(),
         now,
+        actor_user_id: None,
     }
 }
 

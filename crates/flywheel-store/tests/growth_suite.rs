@@ -68,6 +68,7 @@ fn policy(seats: i64) -> GrowthPolicy {
         billing: Billing {
             catalog: catalog(seats),
             grace: Duration::days(7),
+            prompting: None,
         },
     }
 }
@@ -1037,6 +1038,7 @@ async fn billing_writes_announce_changes_limits_and_conversions_once(backend: Ba
         idempotency_key: Some(key.into()),
         billing: paid_policy().billing,
         now: at(seconds),
+        actor_user_id: None,
     };
     let upgrade = store
         .execute_org_requests(&[plan("pro", "up-1", 10)])
@@ -1371,6 +1373,7 @@ async fn org_rules_read_metered_usage_after_the_batch_meters(backend: Backend) {
         billing: Some(Billing {
             catalog: catalog.clone(),
             grace: Duration::days(7),
+            prompting: None,
         }),
         activation: Some(rules.clone()),
     };

@@ -222,7 +222,7 @@ fn one() -> i64 {
     1
 }
 
-async fn org_state(
+pub(crate) async fn org_state(
     state: &AppState,
     project: flywheel_domain::project::ProjectId,
     org_id: &str,
@@ -292,6 +292,11 @@ pub struct UsageRequest {
     amount: i64,
     /// Retries with the same key return the first answer and count once.
     idempotency_key: String,
+    /// The product's user on whose behalf the units move: the prompts this
+    /// write fires (`usage_warning`, `limit_reached`, a denied consume) are
+    /// theirs. Absent: the org owner's.
+    #[serde(default)]
+    user_id: Option<String>,
 }
 
 /// Submits one org command and maps its result.
@@ -302,16 +307,27 @@ pub(crate) async fn execute(
     command: OrgCommand,
     idempotency_key: Option<String>,
 ) -> Result<Reply, ApiError> {
+    execute_as(state, principal, org_id, command, idempotency_key, None).await
+}
+
+/// [`execute`] on behalf of one of the product's users: the prompts the
+/// write fires are theirs (else the org owner's).
+pub(crate) async fn execute_as(
+    state: &AppState,
+    principal: &Principal,
+    org_id: &str,
+    command: OrgCommand,
+    idempotency_key: Option<String>,
+    actor_user_id: Option<String>,
+) -> Result<Reply, ApiError> {
     let request = OrgRequest {
         project: principal.project_id(),
         org_id: org_id.to_string(),
         command,
         idempotency_key,
-        billing: Billing {
-            catalog: principal.project.catalog.clone(),
-            grace: state.billing.grace(),
-        },
+        billing: Billing::for_project(&principal.project, state.billing.grace()),
         now: state.clock.now(),
+        actor_user_id,
     };
     match state.org_writer.execute(request).await? {
         OrgResult::Applied(reply) | OrgResult::Replayed(reply) => Ok(reply),
@@ -391,13 +407,17 @@ async fn usage_command(
     valid_org_id(&request.org_id)?;
     valid_amount(request.amount)?;
     valid_idempotency_key(&request.idempotency_key)?;
+    if let Some(user) = &request.user_id {
+        flywheel_domain::growth::model::validate_external_id("user_id", user)?;
+    }
     let command = command(request.feature, request.amount);
-    let reply = execute(
+    let reply = execute_as(
         state,
         principal,
         &request.org_id,
         command,
         Some(request.idempotency_key),
+        request.user_id,
     )
     .await?;
     usage_reply(reply)
@@ -412,6 +432,30 @@ pub struct EntitlementsView {
     lapsed: bool,
     /// One answer per catalog feature, in catalog order.
     entitlements: Vec<UsageAnswer>,
+}
+
+/// Every entitlement of `org` now, as `GET …/entitlements` and `decide`
+/// answer it.
+pub(crate) fn entitlements_view(
+    state: &AppState,
+    project: &flywheel_domain::snapshot::ProjectConfig,
+    org: &OrgState,
+) -> EntitlementsView {
+    let now = state.clock.now();
+    let grace = state.billing.grace();
+    let access = org.access(&project.catalog, grace, now);
+    EntitlementsView {
+        org_id: org.org_id.clone(),
+        plan: access.plan.map(|(_, plan)| plan.key.clone()),
+        lapsed: access.lapsed.is_some(),
+        entitlements: project
+            .catalog
+            .document
+            .features
+            .iter()
+            .map(|feature| org.answer(&project.catalog, &feature.key, 0, false, grace, now))
+            .collect(),
+    }
 }
 
 /// Every feature of the catalog for this org, with usage: for dashboards and
@@ -436,21 +480,7 @@ pub async fn entitlements(
     valid_org_id(&org_id)?;
     let project = &auth.principal.project;
     let org = org_state(&state, project.project.id, &org_id).await?;
-    let now = state.clock.now();
-    let grace = state.billing.grace();
-    let access = org.access(&project.catalog, grace, now);
-    let view = EntitlementsView {
-        org_id: org_id.clone(),
-        plan: access.plan.map(|(_, plan)| plan.key.clone()),
-        lapsed: access.lapsed.is_some(),
-        entitlements: project
-            .catalog
-            .document
-            .features
-            .iter()
-            .map(|feature| org.answer(&project.catalog, &feature.key, 0, false, grace, now))
-            .collect(),
-    };
+    let view = entitlements_view(&state, project, &org);
     let body = serde_json::to_vec(&view).map_err(ApiError::internal)?;
     let etag = format!("\"{}\"", flywheel_flags::strong_etag(&body));
     if etag_matches(&headers, &etag) {

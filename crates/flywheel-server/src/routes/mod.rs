@@ -17,6 +17,7 @@ pub mod keys;
 pub mod ofrep;
 pub mod privacy;
 pub mod project;
+pub mod prompts;
 pub mod stripe;
 pub mod webhooks;
 
@@ -35,6 +36,7 @@ pub fn router() -> Router<AppState> {
         .merge(growth::router())
         .merge(webhooks::router())
         .merge(activation::router())
+        .merge(prompts::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -108,7 +108,7 @@ pub struct OfrepBulk<'f> {
 }
 
 impl OfrepFailure {
-    fn new(key: Option<&str>, code: &'static str, details: impl Into<String>) -> Self {
+    pub(crate) fn new(key: Option<&str>, code: &'static str, details: impl Into<String>) -> Self {
         Self {
             key: key.map(str::to_owned),
             error_code: code,
@@ -287,7 +287,7 @@ fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
     Some(error.into_response())
 }
 
-fn success<'f>(resolution: &Resolution<'f>) -> OfrepSuccess<'f> {
+pub(crate) fn success<'f>(resolution: &Resolution<'f>) -> OfrepSuccess<'f> {
     OfrepSuccess {
         key: resolution.key,
         value: resolution.value,
@@ -359,7 +359,7 @@ pub async fn evaluate_flag(
     }
 }
 
-fn has_targeting_key(context: &EvaluationContext) -> bool {
+pub(crate) fn has_targeting_key(context: &EvaluationContext) -> bool {
     context
         .get("targetingKey")
         .and_then(Value::as_str)

@@ -192,11 +192,9 @@ pub async fn webhook(
         }),
         // The dedupe on the event id happens in the applying transaction.
         idempotency_key: Some(format!("stripe:{}", event.id)),
-        billing: Billing {
-            catalog: project.catalog.clone(),
-            grace: state.billing.grace(),
-        },
+        billing: Billing::for_project(&project, state.billing.grace()),
         now: state.clock.now(),
+        actor_user_id: None,
     };
     let outcome = match state.org_writer.execute(request).await? {
         OrgResult::Applied(Reply::Stale) => "stale",
