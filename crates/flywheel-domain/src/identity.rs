@@ -37,7 +37,11 @@ mod tests {
         let hash = user_hash("idv_secret", "alice");
         assert_eq!(hash.len(), 64);
         assert!(verify_user_hash("idv_secret", "alice", &hash));
-        assert!(verify_user_hash("idv_secret", "alice", &hash.to_uppercase()));
+        assert!(verify_user_hash(
+            "idv_secret",
+            "alice",
+            &hash.to_uppercase()
+        ));
         assert!(!verify_user_hash("idv_secret", "bob", &hash));
         assert!(!verify_user_hash("other", "alice", &hash));
         assert!(!verify_user_hash("idv_secret", "alice", "zz"));

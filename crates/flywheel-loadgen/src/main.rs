@@ -64,6 +64,10 @@ struct Common {
     /// The publishable key the streams authenticate with (`?key=`).
     #[arg(long)]
     publishable_key: String,
+    /// The stream's path (another SSE endpoint can be compared, e.g.
+    /// /v1/flags/stream; the user_id, org_id and key parameters are sent alike).
+    #[arg(long, default_value = "/v1/stream")]
+    stream_path: String,
     /// Streams being connected at once while opening.
     #[arg(long, default_value_t = 200)]
     open_concurrency: usize,
@@ -156,8 +160,8 @@ fn base_and_port(base: &str) -> Result<(String, u16)> {
     Ok((base, port))
 }
 
-fn stream_url(base: &str, pk: &str, user: &str, org: Option<&str>) -> Result<String> {
-    let mut url = reqwest::Url::parse(&format!("{base}/v1/stream"))?;
+fn stream_url(base: &str, path: &str, pk: &str, user: &str, org: Option<&str>) -> Result<String> {
+    let mut url = reqwest::Url::parse(&format!("{base}{path}"))?;
     {
         let mut query = url.query_pairs_mut();
         query.append_pair("user_id", user);
@@ -239,7 +243,15 @@ async fn prompt_latency(args: PromptLatency) -> Result<bool> {
         .collect();
     let urls = users
         .iter()
-        .map(|(user, org)| stream_url(&base, &common.publishable_key, user, Some(org)))
+        .map(|(user, org)| {
+            stream_url(
+                &base,
+                &common.stream_path,
+                &common.publishable_key,
+                user,
+                Some(org),
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
 
     let (opened, connections) = open_streams(common, urls, port).await?;
@@ -524,6 +536,7 @@ async fn idle_streams(args: IdleStreams) -> Result<bool> {
         .map(|i| {
             stream_url(
                 &base,
+                &common.stream_path,
                 &common.publishable_key,
                 &format!("{tag}-idle{i}"),
                 None,
@@ -625,6 +638,7 @@ mod tests {
         assert_eq!(
             stream_url(
                 "http://127.0.0.1:8080",
+                "/v1/stream",
                 "pk_1",
                 "ab12cd-u0",
                 Some("ab12cd-o0")
@@ -633,8 +647,15 @@ mod tests {
             "http://127.0.0.1:8080/v1/stream?user_id=ab12cd-u0&org_id=ab12cd-o0&key=pk_1"
         );
         assert_eq!(
-            stream_url("http://127.0.0.1:8080", "pk_1", "a b", None).unwrap(),
-            "http://127.0.0.1:8080/v1/stream?user_id=a+b&key=pk_1"
+            stream_url(
+                "http://127.0.0.1:8080",
+                "/v1/flags/stream",
+                "pk_1",
+                "a b",
+                None
+            )
+            .unwrap(),
+            "http://127.0.0.1:8080/v1/flags/stream?user_id=a+b&key=pk_1"
         );
     }
 

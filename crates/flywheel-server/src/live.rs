@@ -94,14 +94,22 @@ impl LiveHub {
     }
 
     /// Registers a stream for `user` and the `orgs` it follows.
-    pub fn subscribe(self: &Arc<Self>, project: ProjectId, user: &str, orgs: &[String]) -> Subscription {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        project: ProjectId,
+        user: &str,
+        orgs: &[String],
+    ) -> Subscription {
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let user_key = (project, user.to_owned());
-        self.users.entry(user_key.clone()).or_default().push(Subscriber {
-            id,
-            sender: sender.clone(),
-        });
+        self.users
+            .entry(user_key.clone())
+            .or_default()
+            .push(Subscriber {
+                id,
+                sender: sender.clone(),
+            });
         let mut org_keys = Vec::with_capacity(orgs.len());
         for org in orgs {
             let key = (project, org.clone());
@@ -122,7 +130,12 @@ impl LiveHub {
         }
     }
 
-    fn remove(&self, map: &DashMap<Key, Vec<Subscriber>, foldhash::fast::RandomState>, key: &Key, id: u64) {
+    fn remove(
+        &self,
+        map: &DashMap<Key, Vec<Subscriber>, foldhash::fast::RandomState>,
+        key: &Key,
+        id: u64,
+    ) {
         if let dashmap::Entry::Occupied(mut entry) = map.entry(key.clone()) {
             entry.get_mut().retain(|subscriber| subscriber.id != id);
             if entry.get().is_empty() {
@@ -166,14 +179,16 @@ impl LiveHub {
         if let Some(mut subscribers) = map.get_mut(key) {
             // A stream too far behind is cut off (its sender dropped): the
             // client reconnects and resumes from the store.
-            subscribers.retain(|subscriber| match subscriber.sender.try_send(record.clone()) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    metrics::counter!("flywheel_live_streams_lagged_total").increment(1);
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            });
+            subscribers.retain(
+                |subscriber| match subscriber.sender.try_send(record.clone()) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics::counter!("flywheel_live_streams_lagged_total").increment(1);
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                },
+            );
         }
     }
 

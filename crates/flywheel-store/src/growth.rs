@@ -785,7 +785,8 @@ pub trait GrowthStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<Option<flywheel_domain::prompts::Prompt>, crate::StoreError>;
     /// Counts per rule and variant.
-    async fn prompt_stats(&self, project: ProjectId) -> Result<Vec<PromptStats>, crate::StoreError>;
+    async fn prompt_stats(&self, project: ProjectId)
+        -> Result<Vec<PromptStats>, crate::StoreError>;
     /// The highest live-message sequence number (0: none).
     async fn latest_live_seq(&self) -> Result<i64, crate::StoreError>;
     /// Live messages of every project after `after_seq`, in order (at most
@@ -796,7 +797,10 @@ pub trait GrowthStore: Send + Sync {
         limit: u32,
     ) -> Result<Vec<LiveRecord>, crate::StoreError>;
     /// These live messages (the numbers a NOTIFY announced), in order.
-    async fn live_messages_by_seq(&self, seqs: &[i64]) -> Result<Vec<LiveRecord>, crate::StoreError>;
+    async fn live_messages_by_seq(
+        &self,
+        seqs: &[i64],
+    ) -> Result<Vec<LiveRecord>, crate::StoreError>;
     /// What a stream of `user_id` (following `orgs`) missed after
     /// `after_seq`, in order; on PostgreSQL also the messages numbered at or
     /// below it that committed in the last `late_commits` (numbers can

@@ -346,9 +346,10 @@ macro_rules! growth_store_impl {
                         triggers.push(trigger(TriggerFact::GraceEnding { ends_at: since + billing.grace }));
                     }
                 }
-                let prompted = raise_prompts(&mut *conn, project, billing, &triggers, now).await?;
                 enqueue(&mut *conn, project, &messages, now).await?;
+                // The change first, then the prompts it fires.
                 publish_live(&mut *conn, project, &live, now).await?;
+                let prompted = raise_prompts(&mut *conn, project, billing, &triggers, now).await?;
                 Ok(prompted || !messages.is_empty())
             }
 

@@ -199,7 +199,10 @@ pub(crate) fn denied_consumes<'a>(
 }
 
 /// The user acting in each org's latest request of `project` that names one.
-pub(crate) fn request_actors(requests: &[OrgRequest], project: ProjectId) -> HashMap<String, String> {
+pub(crate) fn request_actors(
+    requests: &[OrgRequest],
+    project: ProjectId,
+) -> HashMap<String, String> {
     requests
         .iter()
         .filter(|request| request.project == project)
@@ -233,7 +236,6 @@ pub struct EventCommit {
     /// Outbox messages were written (usage crossed a line): wake the sender.
     pub outbox: bool,
 }
-
 
 /// A write to one org's billing state.
 #[derive(Debug, Clone)]

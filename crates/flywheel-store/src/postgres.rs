@@ -1372,7 +1372,9 @@ impl Store for PgStore {
 
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen_all([CONFIG_CHANNEL, ORG_CHANNEL, LIVE_CHANNEL]).await?;
+        listener
+            .listen_all([CONFIG_CHANNEL, ORG_CHANNEL, LIVE_CHANNEL])
+            .await?;
         Ok(Some(Box::new(PgConfigListener { listener })))
     }
 }

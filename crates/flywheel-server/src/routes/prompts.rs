@@ -46,7 +46,10 @@ const MAX_REPLAY: u32 = 1_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/prompt-rules", get(get_prompt_rules).put(put_prompt_rules))
+        .route(
+            "/v1/prompt-rules",
+            get(get_prompt_rules).put(put_prompt_rules),
+        )
         .route("/v1/prompts", get(list_prompts))
         .route("/v1/prompts/stats", get(prompt_stats))
         .route("/v1/prompts/{prompt_id}", get(get_prompt))
@@ -130,7 +133,10 @@ pub async fn put_prompt_rules(
 
 /// The project's identity secret, generated on first use: the product's
 /// backend signs user ids with it (`user_hash`).
-pub(crate) async fn identity_secret(state: &AppState, principal: &Principal) -> Result<Arc<str>, ApiError> {
+pub(crate) async fn identity_secret(
+    state: &AppState,
+    principal: &Principal,
+) -> Result<Arc<str>, ApiError> {
     let project = principal.project_id();
     if let Some(secret) = state.identity_secrets.get(&project) {
         return Ok(secret.clone());
@@ -285,10 +291,21 @@ pub async fn list_prompts(
             ))
         }
     };
-    verify_user(&state, &auth.principal, &query.user_id, query.user_hash.as_deref()).await?;
+    verify_user(
+        &state,
+        &auth.principal,
+        &query.user_id,
+        query.user_hash.as_deref(),
+    )
+    .await?;
     let prompts = state
         .store
-        .pending_prompts(auth.principal.project_id(), &query.user_id, state.clock.now(), limit)
+        .pending_prompts(
+            auth.principal.project_id(),
+            &query.user_id,
+            state.clock.now(),
+            limit,
+        )
         .await?;
     Ok(Json(PromptList { prompts }))
 }
@@ -311,14 +328,16 @@ pub async fn prompt_stats(
     State(state): State<AppState>,
     auth: SecretKey,
 ) -> Result<Json<PromptStatsList>, ApiError> {
-    let stats = state.store.prompt_stats(auth.principal.project_id()).await?;
+    let stats = state
+        .store
+        .prompt_stats(auth.principal.project_id())
+        .await?;
     Ok(Json(PromptStatsList { stats }))
 }
 
 fn valid_prompt_id(id: &str) -> Result<(), ApiError> {
-    let valid = id.len() == 36
-        && id.starts_with("prm_")
-        && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
+    let valid =
+        id.len() == 36 && id.starts_with("prm_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
     if valid {
         Ok(())
     } else {
@@ -397,7 +416,13 @@ pub async fn prompt_event(
         .get_prompt(project, &prompt_id, now)
         .await?
         .ok_or_else(prompt_not_found)?;
-    verify_user(&state, &auth.principal, &prompt.user_id, request.user_hash.as_deref()).await?;
+    verify_user(
+        &state,
+        &auth.principal,
+        &prompt.user_id,
+        request.user_hash.as_deref(),
+    )
+    .await?;
     let action = request.action;
     let envelope = Envelope {
         received_at: now,
@@ -426,7 +451,11 @@ pub async fn prompt_event(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "prompt_event_rejected",
-            format!("the {} event was refused: {}", action.event_name(), rejected.message),
+            format!(
+                "the {} event was refused: {}",
+                action.event_name(),
+                rejected.message
+            ),
         ));
     }
     state
@@ -510,7 +539,9 @@ pub async fn decide(
         .entry("targetingKey")
         .or_insert_with(|| Value::from(user.clone()));
     if let Some(org) = &org_id {
-        context.entry("org_id").or_insert_with(|| Value::from(org.clone()));
+        context
+            .entry("org_id")
+            .or_insert_with(|| Value::from(org.clone()));
     }
     let context = crate::enrichment::enrich(&state, principal, context).await;
     let project = principal.project_id();
@@ -588,7 +619,11 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().split_once(' '))
         .map(|(_, key)| key.trim())
-        .or_else(|| headers.get("x-api-key").and_then(|value| value.to_str().ok()))
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|value| value.to_str().ok())
+        })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -647,7 +682,13 @@ pub async fn stream(
         }
     };
     validate_external_id("user_id", &query.user_id)?;
-    verify_user(&state, &principal, &query.user_id, query.user_hash.as_deref()).await?;
+    verify_user(
+        &state,
+        &principal,
+        &query.user_id,
+        query.user_hash.as_deref(),
+    )
+    .await?;
     let last_event_id = match parts.headers.get("last-event-id") {
         Some(value) => Some(
             value
@@ -676,7 +717,14 @@ pub async fn stream(
         replay.extend(
             state
                 .store
-                .live_messages_for(project, &query.user_id, &orgs, after, late_since, MAX_REPLAY)
+                .live_messages_for(
+                    project,
+                    &query.user_id,
+                    &orgs,
+                    after,
+                    late_since,
+                    MAX_REPLAY,
+                )
                 .await?,
         );
     }

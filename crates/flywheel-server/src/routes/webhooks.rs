@@ -44,6 +44,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "usage.warning",
     "usage.limit_reached",
     "milestone.reached",
+    "prompt.created",
+    "prompt.converted",
 ];
 
 #[derive(Debug, Deserialize, ToSchema)]
