@@ -72,6 +72,7 @@ fn fixture() -> Fixture {
                 catalog: Default::default(),
                 catalog_version: 0,
                 activation: Default::default(),
+                prompts: Default::default(),
             }
         })
         .collect();
