@@ -156,6 +156,8 @@ pub struct Audience {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PromptContent {
     pub title: String,
+    /// Optional: a banner may be a title alone.
+    #[serde(default)]
     pub body: String,
     /// The call to action's label ("Upgrade to Pro").
     #[serde(default, skip_serializing_if = "Option::is_none")]
