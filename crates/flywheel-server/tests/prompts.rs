@@ -445,6 +445,14 @@ async fn the_seeds_scenario_runs_end_to_end(backend: Backend) {
         json!([{"rule": "activated_upgrade", "variant": "bold", "created": 1,
         "shown": 1, "clicked": 1, "dismissed": 0, "converted": 1}])
     );
+
+    // Deleting alice deletes her prompts too.
+    let (status, _) = call(s, Method::DELETE, "/v1/users/alice", None).await;
+    assert!(status.is_success(), "{status}");
+    let (status, _) = call(s, Method::GET, &format!("/v1/prompts/{prompt_id}"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, stats) = call(s, Method::GET, "/v1/prompts/stats", None).await;
+    assert_eq!(stats["stats"], json!([]));
 }
 
 async fn retries_and_caps_never_fire_twice_and_a_reconnecting_stream_gets_what_it_missed(

@@ -1081,6 +1081,16 @@ impl Store for PgStore {
                 .execute(&mut *tx)
                 .await?;
             }
+            // Their prompts and what was streamed to them.
+            for table in ["prompts", "live_messages"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE project_id = $1 AND user_id = ANY($2)"
+                ))
+                .bind(project.0)
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+            }
             sqlx::query(
                 "INSERT INTO suppressed_ids (project_id, distinct_id, suppressed_at) \
                  SELECT $1, id, $3 FROM UNNEST($2::text[]) AS id ON CONFLICT DO NOTHING",

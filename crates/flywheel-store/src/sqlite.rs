@@ -1148,6 +1148,16 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                 }
+                // Their prompts and what was streamed to them.
+                for table in ["prompts", "live_messages"] {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE project_id = ? AND user_id = ?"
+                    ))
+                    .bind(&project)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 sqlx::query(
                     "INSERT INTO suppressed_ids (project_id, distinct_id, suppressed_at) VALUES (?, ?, ?) \
                      ON CONFLICT DO NOTHING",
