@@ -920,14 +920,24 @@ async fn kill_9_mid_delivery_loses_no_outbox_row() {
         assert!(delivered.contains(id), "interrupted {id} was sent again");
     }
     let client = restarted.client().with_key(&secret);
-    let listed: Value = client
-        .send(client.request(reqwest::Method::GET, "/v1/webhook-deliveries?limit=100"))
-        .await
-        .unwrap();
-    let deliveries = listed["deliveries"].as_array().unwrap();
-    assert_eq!(deliveries.len(), 20, "{listed}");
+    let list = || async {
+        let listed: Value = client
+            .send(client.request(reqwest::Method::GET, "/v1/webhook-deliveries?limit=100"))
+            .await
+            .unwrap();
+        listed
+    };
+    // The receiver has the last body a moment before the sender records
+    // its success: wait (bounded) for the records to catch up.
+    let recorded = within(Duration::from_secs(30), || async {
+        let listed = list().await;
+        let deliveries = listed["deliveries"].as_array().unwrap();
+        deliveries.len() == 20 && deliveries.iter().all(|d| d["status"] == "succeeded")
+    })
+    .await;
     assert!(
-        deliveries.iter().all(|d| d["status"] == "succeeded"),
-        "{listed}"
+        recorded,
+        "every delivery recorded as succeeded: {}",
+        list().await
     );
 }
