@@ -59,6 +59,22 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authenticated<S> {
     }
 }
 
+/// The caller of an event stream: the key in the headers, or else (for a
+/// browser's `EventSource`, which cannot set headers) a publishable-scope
+/// key in the `key` query parameter. Headers win.
+pub async fn stream_principal(
+    state: &AppState,
+    query_key: Option<&str>,
+    parts: &mut Parts,
+) -> Result<Principal, ApiError> {
+    let has_header =
+        parts.headers.contains_key(AUTHORIZATION) || parts.headers.contains_key("x-api-key");
+    match (query_key, has_header) {
+        (Some(key), false) => Ok(state.snapshot.load().authorize(Some(key), Scope::Public)?),
+        _ => Ok(AnyKey::from_request_parts(parts, state).await?.principal),
+    }
+}
+
 /// The key from `Authorization: Bearer <key>`, or else from `X-API-Key`
 /// (OFREP's second scheme), if either header is there.
 fn bearer_token(parts: &Parts) -> Result<Option<&str>, ApiError> {

@@ -357,39 +357,10 @@ async fn a_newcomer_walks_the_whole_loop_and_every_step_is_attributed(backend: B
     assert_eq!(listed["invitations"][0]["accepted_by_user_id"], "bob");
 }
 
-/// A local HTTP receiver that records each webhook (headers and body) and
-/// answers 500 to the first delivery, to exercise a retry.
-async fn receiver() -> (String, Arc<Mutex<Vec<(Value, String)>>>) {
-    receiver_failing_first(true).await
-}
-
-async fn receiver_failing_first(fail_first: bool) -> (String, Arc<Mutex<Vec<(Value, String)>>>) {
-    let seen: Arc<Mutex<Vec<(Value, String)>>> = Arc::default();
-    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(!fail_first));
-    let record = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
-            let record = record.clone();
-            let failed_once = failed_once.clone();
-            async move {
-                if !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    return StatusCode::INTERNAL_SERVER_ERROR;
-                }
-                let headers = json!({
-                    "webhook-id": headers["webhook-id"].to_str().unwrap(),
-                    "webhook-timestamp": headers["webhook-timestamp"].to_str().unwrap(),
-                    "webhook-signature": headers["webhook-signature"].to_str().unwrap(),
-                });
-                record.lock().unwrap().push((headers, body));
-                StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, seen)
+/// A webhook receiver that answers 500 to the first delivery, to exercise a
+/// retry.
+async fn receiver() -> (String, common::Webhooks) {
+    common::receiver_failing_first(true).await
 }
 
 async fn webhooks_arrive_signed_and_verify_with_the_reference_library(backend: Backend) {
@@ -940,7 +911,7 @@ async fn members_leave_and_billing_changes_reach_webhooks(backend: Backend) {
         ]
     }))).await;
     assert_eq!(status, StatusCode::OK);
-    let (url, seen) = receiver_failing_first(false).await;
+    let (url, seen) = common::receiver_failing_first(false).await;
     let (status, _) = call(
         s,
         Method::POST,
@@ -1091,7 +1062,7 @@ async fn usage_webhooks_leave_at_once_from_consume_and_from_events(backend: Back
             "exports": {"limit": 3}, "api_calls": {"limit": 3}}}]
     }))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (url, seen) = receiver_failing_first(false).await;
+    let (url, seen) = common::receiver_failing_first(false).await;
     let (status, _) = call(
         s,
         Method::POST,
@@ -1194,7 +1165,7 @@ async fn the_third_project_records_a_milestone_once_with_its_events_and_webhook(
         json!({"event": "project_created", "at_least": 3})
     );
 
-    let (url, seen) = receiver_failing_first(false).await;
+    let (url, seen) = common::receiver_failing_first(false).await;
     let (status, _) = call(
         s,
         Method::POST,

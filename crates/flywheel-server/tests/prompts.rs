@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_client::Client;
@@ -137,6 +137,14 @@ impl EventStream {
     }
 }
 
+/// Opens a stream that must be refused: its status and error code.
+async fn refused(app: &App, query: &str, last_event_id: Option<&str>) -> (StatusCode, Value) {
+    match EventStream::open(app, query, last_event_id).await {
+        Ok(_) => panic!("the stream {query} was not refused"),
+        Err((status, body)) => (status, body["error"]["code"].clone()),
+    }
+}
+
 fn catalog() -> Value {
     json!({
         "features": [{"key": "projects", "name": "Projects", "kind": "metered"}],
@@ -150,31 +158,9 @@ fn catalog() -> Value {
     })
 }
 
-async fn receiver() -> (String, Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>>) {
-    let seen: Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>> = Arc::default();
-    let record = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
-            let record = record.clone();
-            async move {
-                record.lock().unwrap().push((headers, body));
-                StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, seen)
-}
-
 /// Waits (bounded) for a webhook of `event_type` and returns its headers
 /// and body.
-async fn webhook(
-    seen: &Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>>,
-    event_type: &str,
-) -> (axum::http::HeaderMap, String) {
+async fn webhook(seen: &common::Webhooks, event_type: &str) -> (Value, String) {
     for _ in 0..200 {
         let found = seen
             .lock()
@@ -246,7 +232,7 @@ async fn the_seeds_scenario_runs_end_to_end(backend: Backend) {
         (StatusCode::OK, Some(1)),
         "{written}"
     );
-    let (url, seen) = receiver().await;
+    let (url, seen) = common::receiver_failing_first(false).await;
     let (status, endpoint) = call(
         s,
         Method::POST,
@@ -365,7 +351,7 @@ async fn the_seeds_scenario_runs_end_to_end(backend: Backend) {
 
     // The webhook arrives, signed (Standard Webhooks).
     let (headers, body) = webhook(&seen, "prompt.created").await;
-    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let header = |name: &str| headers[name].as_str().unwrap().to_owned();
     verify(
         &secret,
         &header("webhook-id"),
@@ -647,25 +633,18 @@ async fn identity_verification_guards_a_users_reads(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
 
     let key = &app.publishable_key;
-    let (status, refused) = EventStream::open(&app, &format!("user_id=carol&key={key}"), None)
-        .await
-        .err()
-        .unwrap();
     assert_eq!(
-        (status, refused["error"]["code"].clone()),
+        refused(&app, &format!("user_id=carol&key={key}"), None).await,
         (StatusCode::UNAUTHORIZED, json!("user_hash_required"))
     );
     let forged = user_hash(&secret, "mallory");
-    let (status, refused) = EventStream::open(
-        &app,
-        &format!("user_id=carol&user_hash={forged}&key={key}"),
-        None,
-    )
-    .await
-    .err()
-    .unwrap();
     assert_eq!(
-        (status, refused["error"]["code"].clone()),
+        refused(
+            &app,
+            &format!("user_id=carol&user_hash={forged}&key={key}"),
+            None
+        )
+        .await,
         (StatusCode::FORBIDDEN, json!("invalid_user_hash"))
     );
     let signed = user_hash(&secret, "carol");
@@ -677,16 +656,13 @@ async fn identity_verification_guards_a_users_reads(backend: Backend) {
     .await
     .is_ok());
     // An org the user does not belong to cannot be followed.
-    let (status, refused) = EventStream::open(
-        &app,
-        &format!("user_id=carol&org_id=acme&user_hash={signed}&key={key}"),
-        None,
-    )
-    .await
-    .err()
-    .unwrap();
     assert_eq!(
-        (status, refused["error"]["code"].clone()),
+        refused(
+            &app,
+            &format!("user_id=carol&org_id=acme&user_hash={signed}&key={key}"),
+            None
+        )
+        .await,
         (StatusCode::FORBIDDEN, json!("org_not_permitted"))
     );
     // The same for decide and the prompt list; the secret key is trusted.
@@ -826,23 +802,26 @@ async fn refusals_have_documented_codes(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = EventStream::open(&app, "user_id=a", None)
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let url = format!(
-        "{}/v1/stream?user_id=a&key={}",
-        app.server.base_url(),
-        app.publishable_key
+    assert_eq!(
+        refused(&app, "user_id=a", None).await,
+        (StatusCode::UNAUTHORIZED, json!("missing_api_key"))
     );
-    let response = reqwest::Client::new()
-        .get(url)
-        .header("last-event-id", "yesterday")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "invalid_last_event_id");
+    let query = format!("user_id=a&key={}", app.publishable_key);
+    assert_eq!(
+        refused(&app, &query, Some("yesterday")).await,
+        (StatusCode::BAD_REQUEST, json!("invalid_last_event_id"))
+    );
+    // A mistyped parameter is a 400 in the error envelope, like a body.
+    let query = format!("user_id=a&last_event_id=soon&key={}", app.publishable_key);
+    assert_eq!(
+        refused(&app, &query, None).await,
+        (StatusCode::BAD_REQUEST, json!("invalid_query"))
+    );
+    let (status, body) = call(s, Method::GET, "/v1/prompts?user_id=a&limit=many", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("invalid_query"))
+    );
+    let query = format!("user_id={}&key={}", "x".repeat(300), app.publishable_key);
+    assert_eq!(refused(&app, &query, None).await.0, StatusCode::BAD_REQUEST);
 }

@@ -283,6 +283,7 @@ macro_rules! growth_store_impl {
                         continue;
                     }
                     let org_id = after.org_id.clone();
+                    let mut upgraded_to: Option<String> = None;
                     let trigger = |fact: TriggerFact| crate::PromptTrigger {
                         fact,
                         user_id: actors.get(&org_id).cloned(),
@@ -300,12 +301,8 @@ macro_rules! growth_store_impl {
                                     ("usage.limit_reached", Some(feature)) => {
                                         triggers.push(trigger(TriggerFact::LimitReached { feature, denied: false }))
                                     }
-                                    ("subscription.changed", _) => {
-                                        let upgraded = data.get("upgrade").and_then(|u| u.as_bool()) == Some(true);
-                                        let plan = data.get("plan").and_then(|p| p.as_str()).map(str::to_owned);
-                                        if let (true, Some(plan)) = (upgraded, plan) {
-                                            messages.extend(credit_prompt(&mut *conn, project, billing, &org_id, &plan, now).await?);
-                                        }
+                                    ("subscription.changed", _) if data.get("upgrade") == Some(&serde_json::Value::Bool(true)) => {
+                                        upgraded_to = data.get("plan").and_then(|p| p.as_str()).map(str::to_owned);
                                     }
                                     _ => {}
                                 }
@@ -327,14 +324,14 @@ macro_rules! growth_store_impl {
                             }
                             BillingNotice::Converted { org_id, to_plan, .. } => {
                                 record_conversion(&mut *conn, project, &org_id, &to_plan, now).await?;
-                                // A first upgrade that is not an `upgrade` by the
-                                // catalog's order is still a conversion.
-                                let credited = messages.iter().any(|m: &OutboxMessage| m.event_type == "prompt.converted");
-                                if !credited {
-                                    messages.extend(credit_prompt(&mut *conn, project, billing, &org_id, &to_plan, now).await?);
-                                }
+                                // A first paid plan is credited even when the
+                                // catalog's order does not call it an upgrade.
+                                upgraded_to.get_or_insert(to_plan);
                             }
                         }
+                    }
+                    if let Some(plan) = upgraded_to {
+                        messages.extend(credit_prompt(&mut *conn, project, billing, &org_id, &plan, now).await?);
                     }
                     let status = |state: &OrgState| state.subscription.as_ref().map(|s| s.status);
                     let (was, is) = (status(before), status(after));
@@ -351,6 +348,59 @@ macro_rules! growth_store_impl {
                 publish_live(&mut *conn, project, &live, now).await?;
                 let prompted = raise_prompts(&mut *conn, project, billing, &triggers, now).await?;
                 Ok(prompted || !messages.is_empty())
+            }
+
+            /// Stores the next version of a project's rules document in
+            /// `table` (append-only: activation or prompt rules) and records
+            /// the configuration change `change`. Returns the version.
+            async fn put_versioned(
+                store: &$store,
+                table: &'static str,
+                change: &'static str,
+                project: ProjectId,
+                document: &serde_json::Value,
+                actor: &str,
+                now: DateTime<Utc>,
+            ) -> Result<i64, StoreError> {
+                let mut tx = store.g_begin().await?;
+                let latest: Option<i64> =
+                    sqlx::query_scalar(&format!("SELECT MAX(version) FROM {table} WHERE project_id = $1"))
+                        .bind(g_project(project))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let version = latest.unwrap_or(0) + 1;
+                sqlx::query(&format!(
+                    "INSERT INTO {table} (project_id, version, document, actor, created_at) VALUES ($1, $2, $3, $4, $5)"
+                ))
+                .bind(g_project(project))
+                .bind(version)
+                .bind(g_json(document))
+                .bind(actor)
+                .bind(g_time(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, change))?;
+                <$store>::record_change(&mut tx, project, change, now).await?;
+                tx.commit().await?;
+                Ok(version)
+            }
+
+            /// The newest version of a project's rules document in `table`.
+            pub(crate) async fn latest_versioned(
+                pool: &sqlx::Pool<$db>,
+                table: &'static str,
+                project: ProjectId,
+            ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+                let row = sqlx::query(&format!(
+                    "SELECT version, document FROM {table} WHERE project_id = $1 ORDER BY version DESC LIMIT 1"
+                ))
+                .bind(g_project(project))
+                .fetch_optional(pool)
+                .await?;
+                match row {
+                    Some(row) => Ok(Some((row.try_get("version")?, g_read_json(&row, "document")?))),
+                    None => Ok(None),
+                }
             }
 
             /// Writes live messages for users' open streams, in the
@@ -435,14 +485,14 @@ macro_rules! growth_store_impl {
                     choose_content, deadline_variables, instantiate, plan_variables, usage_variables,
                     TriggerFact,
                 };
-                let Some(prompting) = &billing.prompting else {
+                if billing.prompts.is_empty() {
                     return Ok(false);
-                };
+                }
                 let mut messages = Vec::new();
                 let mut live = Vec::new();
                 let mut seen = std::collections::HashSet::new();
                 for trigger in triggers {
-                    let rules = prompting.rules.matching(&trigger.fact);
+                    let rules = billing.prompts.matching(&trigger.fact);
                     if rules.is_empty() {
                         continue;
                     }
@@ -512,7 +562,7 @@ macro_rules! growth_store_impl {
                                 if let Some(plan) = &plan {
                                     context.insert("plan".into(), plan.clone().into());
                                 }
-                                prompting
+                                billing
                                     .flags
                                     .evaluate(&audience.flag, &context, now.timestamp())
                                     .variant
@@ -659,12 +709,8 @@ macro_rules! growth_store_impl {
                 plan: &str,
                 now: DateTime<Utc>,
             ) -> Result<Option<OutboxMessage>, StoreError> {
-                let window = billing
-                    .prompting
-                    .as_ref()
-                    .map_or(chrono::Duration::days(i64::from(flywheel_domain::prompts::DEFAULT_ATTRIBUTION_DAYS)), |p| {
-                        p.rules.attribution_window()
-                    });
+                // Without rules the default window still credits earlier clicks.
+                let window = billing.prompts.attribution_window();
                 let row = sqlx::query(&format!(
                     "SELECT {PROMPT_COLUMNS} FROM prompts WHERE project_id = $1 AND org_id = $2 \
                      AND clicked_at IS NOT NULL AND clicked_at >= $3 AND converted_at IS NULL \
@@ -3197,46 +3243,14 @@ macro_rules! growth_store_impl {
                     actor: &str,
                     now: DateTime<Utc>,
                 ) -> Result<i64, StoreError> {
-                    let mut tx = self.g_begin().await?;
-                    let latest: Option<i64> = sqlx::query_scalar(
-                        "SELECT MAX(version) FROM activation_rule_versions WHERE project_id = $1",
-                    )
-                    .bind(g_project(project))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let version = latest.unwrap_or(0) + 1;
-                    sqlx::query(
-                        "INSERT INTO activation_rule_versions (project_id, version, document, actor, created_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(g_project(project))
-                    .bind(version)
-                    .bind(g_json(document))
-                    .bind(actor)
-                    .bind(g_time(now))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "activation_rules"))?;
-                    <$store>::record_change(&mut tx, project, "activation_rules", now).await?;
-                    tx.commit().await?;
-                    Ok(version)
+                    put_versioned(self, "activation_rule_versions", "activation_rules", project, document, actor, now).await
                 }
 
                 async fn activation_rules(
                     &self,
                     project: ProjectId,
                 ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
-                    let row = sqlx::query(
-                        "SELECT version, document FROM activation_rule_versions WHERE project_id = $1 \
-                         ORDER BY version DESC LIMIT 1",
-                    )
-                    .bind(g_project(project))
-                    .fetch_optional(self.g_reader())
-                    .await?;
-                    match row {
-                        Some(row) => Ok(Some((row.try_get("version")?, g_read_json(&row, "document")?))),
-                        None => Ok(None),
-                    }
+                    latest_versioned(self.g_reader(), "activation_rule_versions", project).await
                 }
 
                 async fn milestones(
@@ -3433,46 +3447,14 @@ macro_rules! growth_store_impl {
                     actor: &str,
                     now: DateTime<Utc>,
                 ) -> Result<i64, StoreError> {
-                    let mut tx = self.g_begin().await?;
-                    let latest: Option<i64> = sqlx::query_scalar(
-                        "SELECT MAX(version) FROM prompt_rule_versions WHERE project_id = $1",
-                    )
-                    .bind(g_project(project))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let version = latest.unwrap_or(0) + 1;
-                    sqlx::query(
-                        "INSERT INTO prompt_rule_versions (project_id, version, document, actor, created_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(g_project(project))
-                    .bind(version)
-                    .bind(g_json(document))
-                    .bind(actor)
-                    .bind(g_time(now))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "prompt_rules"))?;
-                    <$store>::record_change(&mut tx, project, "prompt_rules", now).await?;
-                    tx.commit().await?;
-                    Ok(version)
+                    put_versioned(self, "prompt_rule_versions", "prompt_rules", project, document, actor, now).await
                 }
 
                 async fn prompt_rules(
                     &self,
                     project: ProjectId,
                 ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
-                    let row = sqlx::query(
-                        "SELECT version, document FROM prompt_rule_versions WHERE project_id = $1 \
-                         ORDER BY version DESC LIMIT 1",
-                    )
-                    .bind(g_project(project))
-                    .fetch_optional(self.g_reader())
-                    .await?;
-                    match row {
-                        Some(row) => Ok(Some((row.try_get("version")?, g_read_json(&row, "document")?))),
-                        None => Ok(None),
-                    }
+                    latest_versioned(self.g_reader(), "prompt_rule_versions", project).await
                 }
 
                 async fn pending_prompts(

@@ -146,23 +146,33 @@ pub struct Billing {
     pub catalog: Arc<Catalog>,
     /// How long a `past_due` subscription keeps its plan.
     pub grace: chrono::Duration,
-    /// The project's prompt rules, when it has any: billing writes and
+    /// The project's prompt rules (empty: none): billing writes and
     /// milestones that fire them create prompts in their transaction.
-    pub prompting: Option<Arc<Prompting>>,
+    pub prompts: Arc<flywheel_domain::prompts::PromptRules>,
+    /// The project's flags: a prompt's copy is the variant its audience
+    /// flag serves the user.
+    pub flags: Arc<flywheel_flags::CompiledFlagSet>,
 }
 
 impl Billing {
-    /// The rules a write for `config`'s project runs under.
+    /// Rules without prompts.
+    pub fn new(catalog: Arc<Catalog>, grace: chrono::Duration) -> Self {
+        Self {
+            catalog,
+            grace,
+            prompts: Arc::default(),
+            flags: Arc::default(),
+        }
+    }
+
+    /// The rules a write for `config`'s project runs under (reference
+    /// counts only: this is on the ingestion and `consume` paths).
     pub fn for_project(config: &ProjectConfig, grace: chrono::Duration) -> Self {
         Self {
             catalog: config.catalog.clone(),
             grace,
-            prompting: (!config.prompts.is_empty()).then(|| {
-                Arc::new(Prompting {
-                    rules: config.prompts.clone(),
-                    flags: config.flags.clone(),
-                })
-            }),
+            prompts: config.prompts.clone(),
+            flags: config.flags.clone(),
         }
     }
 }
@@ -910,48 +920,48 @@ pub(crate) fn compile_stored_catalog(
     }
 }
 
-/// The stored prompt rules of a project, like the activation rules.
-pub(crate) fn compile_stored_prompts(
-    project: ProjectId,
-    document: serde_json::Value,
-) -> Arc<flywheel_domain::prompts::PromptRules> {
-    let parsed = serde_json::from_value::<flywheel_domain::prompts::PromptRules>(document)
-        .map_err(|error| vec![error.to_string()])
-        .and_then(|rules| {
-            rules
-                .validate()
-                .map_err(|problems| problems.into_iter().map(|p| p.message).collect())
-        });
-    match parsed {
-        Ok(rules) => Arc::new(rules),
-        Err(problems) => {
-            for problem in problems {
-                tracing::error!(project = %project.0, %problem, "the stored prompt rules do not check; running without them");
-            }
-            Arc::default()
-        }
+/// Rules documents stored in a version table: activation and prompt rules.
+pub(crate) trait StoredRules: serde::de::DeserializeOwned + Default {
+    const WHAT: &'static str;
+    fn check(self) -> Result<Self, Vec<DomainError>>;
+}
+
+impl StoredRules for flywheel_domain::activation::ActivationRules {
+    const WHAT: &'static str = "activation rules";
+    fn check(self) -> Result<Self, Vec<DomainError>> {
+        self.validate()
     }
 }
 
-/// The stored activation rules of a project. They are validated before
-/// they are written; a document that no longer checks is logged and the
-/// project runs without rules.
-pub(crate) fn compile_stored_activation(
+impl StoredRules for flywheel_domain::prompts::PromptRules {
+    const WHAT: &'static str = "prompt rules";
+    fn check(self) -> Result<Self, Vec<DomainError>> {
+        self.validate()
+    }
+}
+
+/// A project's stored rules, if any. They are validated before they are
+/// written; a document that no longer checks (a rule this binary refuses)
+/// is logged and the project runs without those rules.
+pub(crate) fn compile_stored_rules<T: StoredRules>(
     project: ProjectId,
-    document: serde_json::Value,
-) -> Arc<flywheel_domain::activation::ActivationRules> {
-    let parsed = serde_json::from_value::<flywheel_domain::activation::ActivationRules>(document)
+    stored: Option<(i64, serde_json::Value)>,
+) -> Arc<T> {
+    let Some((_, document)) = stored else {
+        return Arc::default();
+    };
+    let parsed = serde_json::from_value::<T>(document)
         .map_err(|error| vec![error.to_string()])
         .and_then(|rules| {
             rules
-                .validate()
+                .check()
                 .map_err(|problems| problems.into_iter().map(|p| p.message).collect())
         });
     match parsed {
         Ok(rules) => Arc::new(rules),
         Err(problems) => {
             for problem in problems {
-                tracing::error!(project = %project.0, %problem, "the stored activation rules do not check; running without them");
+                tracing::error!(project = %project.0, %problem, "the stored {} do not check; running without them", T::WHAT);
             }
             Arc::default()
         }

@@ -153,34 +153,15 @@ impl PgStore {
             ),
             None => (0, None),
         };
-        let rules_row = sqlx::query(
-            "SELECT document FROM activation_rule_versions WHERE project_id = $1 \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(project.id.0)
-        .fetch_optional(&self.pool)
-        .await?;
-        let activation = match rules_row {
-            Some(row) => crate::compile_stored_activation(
-                project.id,
-                row.try_get::<serde_json::Value, _>("document")?,
-            ),
-            None => Default::default(),
-        };
-        let prompt_row = sqlx::query(
-            "SELECT document FROM prompt_rule_versions WHERE project_id = $1 \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(project.id.0)
-        .fetch_optional(&self.pool)
-        .await?;
-        let prompts = match prompt_row {
-            Some(row) => crate::compile_stored_prompts(
-                project.id,
-                row.try_get::<serde_json::Value, _>("document")?,
-            ),
-            None => Default::default(),
-        };
+        let activation = crate::compile_stored_rules(
+            project.id,
+            growth_impl::latest_versioned(&self.pool, "activation_rule_versions", project.id)
+                .await?,
+        );
+        let prompts = crate::compile_stored_rules(
+            project.id,
+            growth_impl::latest_versioned(&self.pool, "prompt_rule_versions", project.id).await?,
+        );
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
             catalog_version,

@@ -148,34 +148,15 @@ impl SqliteStore {
             ),
             None => (0, None),
         };
-        let rules_row = sqlx::query(
-            "SELECT document FROM activation_rule_versions WHERE project_id = ? \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(&id)
-        .fetch_optional(&self.reader)
-        .await?;
-        let activation = match rules_row {
-            Some(row) => crate::compile_stored_activation(
-                project.id,
-                from_json_text(&row.try_get::<String, _>("document")?)?,
-            ),
-            None => Default::default(),
-        };
-        let prompt_row = sqlx::query(
-            "SELECT document FROM prompt_rule_versions WHERE project_id = ? \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(&id)
-        .fetch_optional(&self.reader)
-        .await?;
-        let prompts = match prompt_row {
-            Some(row) => crate::compile_stored_prompts(
-                project.id,
-                from_json_text(&row.try_get::<String, _>("document")?)?,
-            ),
-            None => Default::default(),
-        };
+        let activation = crate::compile_stored_rules(
+            project.id,
+            growth_impl::latest_versioned(&self.reader, "activation_rule_versions", project.id)
+                .await?,
+        );
+        let prompts = crate::compile_stored_rules(
+            project.id,
+            growth_impl::latest_versioned(&self.reader, "prompt_rule_versions", project.id).await?,
+        );
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
             catalog_version,

@@ -52,13 +52,10 @@ fn catalog_json() -> serde_json::Value {
 }
 
 fn billing() -> Billing {
-    Billing {
-        catalog: Arc::new(
-            Catalog::compile(serde_json::from_value(catalog_json()).unwrap()).unwrap(),
-        ),
-        grace: Duration::days(7),
-        prompting: None,
-    }
+    Billing::new(
+        Arc::new(Catalog::compile(serde_json::from_value(catalog_json()).unwrap()).unwrap()),
+        Duration::days(7),
+    )
 }
 
 async fn setup(backend: Backend) -> (TestDatabase, Arc<dyn Store>, Project) {

@@ -65,11 +65,7 @@ fn policy(seats: i64) -> GrowthPolicy {
         referral_window_days: 90,
         click_model: ClickModel::LastClick,
         seats_feature: "seats".into(),
-        billing: Billing {
-            catalog: catalog(seats),
-            grace: Duration::days(7),
-            prompting: None,
-        },
+        billing: Billing::new(catalog(seats), Duration::days(7)),
     }
 }
 
@@ -1370,11 +1366,7 @@ async fn org_rules_read_metered_usage_after_the_batch_meters(backend: Backend) {
             .into_iter()
             .map(|e| flywheel_store::EncodedEvent::encode(e).unwrap())
             .collect(),
-        billing: Some(Billing {
-            catalog: catalog.clone(),
-            grace: Duration::days(7),
-            prompting: None,
-        }),
+        billing: Some(Billing::new(catalog.clone(), Duration::days(7))),
         activation: Some(rules.clone()),
     };
     let calls = |n: i64, from: i64| {

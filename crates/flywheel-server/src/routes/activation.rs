@@ -4,7 +4,6 @@
 //! when events commit (see `GrowthStore::apply_activation`).
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use flywheel_domain::activation::{ActivationRules, Milestone, Scope};
@@ -79,14 +78,9 @@ pub async fn put_activation_rules(
     auth: SecretKey,
     ApiJson(rules): ApiJson<ActivationRules>,
 ) -> Result<Json<ActivationRulesView>, ApiError> {
-    let rules = rules.validate().map_err(|problems| {
-        let message = problems
-            .iter()
-            .map(|problem| problem.message.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_activation_rules", message)
-    })?;
+    let rules = rules
+        .validate()
+        .map_err(|problems| ApiError::invalid_document("invalid_activation_rules", &problems))?;
     let project = auth.principal.project_id();
     let document = serde_json::to_value(&rules).map_err(ApiError::internal)?;
     let actor = format!("key:{}", auth.principal.key_id.0);

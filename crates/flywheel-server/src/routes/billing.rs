@@ -6,7 +6,7 @@
 //! in the org cache) and never calls the store once the org is cached, nor
 //! the billing provider ever.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header::ETAG;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{AnyKey, SecretKey};
-use crate::error::{ApiError, ApiJson, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::routes::flags::etag_matches;
 use crate::state::AppState;
 
@@ -144,14 +144,8 @@ pub async fn put_catalog(
     auth: SecretKey,
     ApiJson(document): ApiJson<CatalogDocument>,
 ) -> Result<Json<CatalogView>, ApiError> {
-    let catalog = Catalog::compile(document).map_err(|problems| {
-        let message = problems
-            .iter()
-            .map(|problem| problem.message.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_catalog", message)
-    })?;
+    let catalog = Catalog::compile(document)
+        .map_err(|problems| ApiError::invalid_document("invalid_catalog", &problems))?;
     let project = auth.principal.project_id();
     let document = serde_json::to_value(&catalog.document).map_err(ApiError::internal)?;
     let written = state
@@ -577,6 +571,7 @@ pub async fn change_subscription(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CancelQuery {
     /// `period_end` (default: access continues until the billing period
     /// ends, then the default plan) or `immediate`.
@@ -596,7 +591,7 @@ pub async fn cancel_subscription(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-    Query(query): Query<CancelQuery>,
+    ApiQuery(query): ApiQuery<CancelQuery>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     valid_org_id(&org_id)?;
     let command = OrgCommand::Cancel {

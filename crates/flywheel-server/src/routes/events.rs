@@ -8,7 +8,7 @@ use std::io::Read as _;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::SecretKey;
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::error::{ApiError, ApiQuery, ErrorEnvelope};
 use crate::ingest::{self, IngestOutcome};
 use crate::state::AppState;
 
@@ -583,10 +583,8 @@ async fn views(
 pub async fn list_events(
     State(state): State<AppState>,
     auth: SecretKey,
-    params: Result<Query<ListEventsParams>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(params): ApiQuery<ListEventsParams>,
 ) -> Result<Json<EventList>, ApiError> {
-    let Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let project = auth.principal.project_id();
     let distinct_ids = match &params.user_id {
         Some(user) => {

@@ -6,8 +6,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::header::{AUTHORIZATION, ETAG, IF_NONE_MATCH};
+use axum::extract::{Path, State};
+use axum::http::header::{ETAG, IF_NONE_MATCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,6 @@ use chrono::{DateTime, Utc};
 use flywheel_domain::flags::{
     CurrentFlagEntry, FlagAction, FlagChange, FlagEntryKind, FlagVersion,
 };
-use flywheel_domain::keys::Scope;
 use flywheel_domain::snapshot::{Principal, ProjectConfig};
 use flywheel_flags::definition::FlagDefinition;
 use flywheel_flags::diff::{diff, Change};
@@ -29,7 +28,7 @@ use tokio::sync::broadcast;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{AnyKey, SecretKey};
-use crate::error::{ApiError, ApiJson, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -481,7 +480,7 @@ pub struct ImportSummary {
 pub async fn import_document(
     State(state): State<AppState>,
     auth: SecretKey,
-    Query(query): Query<ImportQuery>,
+    ApiQuery(query): ApiQuery<ImportQuery>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<ImportSummary>, ApiError> {
     let replace = match query.mode.as_deref() {
@@ -637,23 +636,10 @@ pub struct StreamQuery {
     ))]
 pub async fn stream(
     State(state): State<AppState>,
-    Query(query): Query<StreamQuery>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
     mut parts: axum::http::request::Parts,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    use axum::extract::FromRequestParts;
-    let has_header =
-        parts.headers.contains_key(AUTHORIZATION) || parts.headers.contains_key("x-api-key");
-    let principal = match (&query.key, has_header) {
-        (Some(key), false) => state
-            .snapshot
-            .load()
-            .authorize(Some(key.as_str()), Scope::Public)?,
-        _ => {
-            AnyKey::from_request_parts(&mut parts, &state)
-                .await?
-                .principal
-        }
-    };
+    let principal = crate::auth::stream_principal(&state, query.key.as_deref(), &mut parts).await?;
     let project = principal.project_id();
     let first = Some(principal.project.flags.etag().to_string());
     let changes = state.snapshot.subscribe_flag_changes();

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{AnyKey, SecretKey};
-use crate::error::{ApiError, ApiJson, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::growth::{effective_template, policy, render, url_with_token, EMAIL_KINDS};
 use crate::state::AppState;
 
@@ -699,7 +699,7 @@ pub async fn list_invitations(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-    Query(filter): Query<InvitationFilter>,
+    ApiQuery(filter): ApiQuery<InvitationFilter>,
 ) -> Result<Json<InvitationList>, ApiError> {
     let status = match filter.status.as_deref() {
         Some(text) => Some(InvitationStatus::parse(text).ok_or_else(|| {
@@ -1426,7 +1426,7 @@ pub struct ShareLinkList {
 pub async fn list_share_links(
     State(state): State<AppState>,
     auth: SecretKey,
-    Query(query): Query<ShareLinkQuery>,
+    ApiQuery(query): ApiQuery<ShareLinkQuery>,
 ) -> Result<Json<ShareLinkList>, ApiError> {
     let links = state
         .store
@@ -1884,7 +1884,7 @@ pub struct ReferralEventList {
 pub async fn referral_events(
     State(state): State<AppState>,
     auth: SecretKey,
-    Query(params): Query<ReferralEventParams>,
+    ApiQuery(params): ApiQuery<ReferralEventParams>,
 ) -> Result<Json<ReferralEventList>, ApiError> {
     let limit = crate::routes::page_limit(params.limit)?;
     let kind = match params.kind.as_deref() {
@@ -2082,7 +2082,7 @@ pub struct EmailList {
 pub async fn list_emails(
     State(state): State<AppState>,
     auth: SecretKey,
-    Query(params): Query<EmailListParams>,
+    ApiQuery(params): ApiQuery<EmailListParams>,
 ) -> Result<Json<EmailList>, ApiError> {
     let limit = crate::routes::page_limit(params.limit)?;
     let emails = state

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header::ETAG;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -26,7 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AnyKey;
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::error::{ApiError, ApiQuery, ErrorEnvelope};
 use crate::ingest::ingest;
 use crate::state::AppState;
 
@@ -108,7 +108,7 @@ pub struct OfrepBulk<'f> {
 }
 
 impl OfrepFailure {
-    pub(crate) fn new(key: Option<&str>, code: &'static str, details: impl Into<String>) -> Self {
+    fn new(key: Option<&str>, code: &'static str, details: impl Into<String>) -> Self {
         Self {
             key: key.map(str::to_owned),
             error_code: code,
@@ -287,7 +287,7 @@ fn rate_limited(state: &AppState, principal: &Principal) -> Option<Response> {
     Some(error.into_response())
 }
 
-pub(crate) fn success<'f>(resolution: &Resolution<'f>) -> OfrepSuccess<'f> {
+fn success<'f>(resolution: &Resolution<'f>) -> OfrepSuccess<'f> {
     OfrepSuccess {
         key: resolution.key,
         value: resolution.value,
@@ -317,7 +317,7 @@ pub async fn evaluate_flag(
     State(state): State<AppState>,
     auth: AnyKey,
     Path(key): Path<String>,
-    Query(query): Query<ExposureQuery>,
+    ApiQuery(query): ApiQuery<ExposureQuery>,
     body: Bytes,
 ) -> Response {
     let EvaluationRequest {
@@ -359,7 +359,7 @@ pub async fn evaluate_flag(
     }
 }
 
-pub(crate) fn has_targeting_key(context: &EvaluationContext) -> bool {
+fn has_targeting_key(context: &EvaluationContext) -> bool {
     context
         .get("targetingKey")
         .and_then(Value::as_str)
@@ -386,7 +386,7 @@ pub async fn evaluate_flags(
     State(state): State<AppState>,
     auth: AnyKey,
     headers: HeaderMap,
-    Query(query): Query<ExposureQuery>,
+    ApiQuery(query): ApiQuery<ExposureQuery>,
     body: Bytes,
 ) -> Response {
     let EvaluationRequest {
@@ -398,31 +398,17 @@ pub async fn evaluate_flags(
     };
     let context = crate::enrichment::enrich(&state, &auth.principal, context).await;
     let flags = &auth.principal.project.flags;
-    let targeting_key = has_targeting_key(&context);
-    let mut results = Vec::with_capacity(flags.len());
     let mut served = Vec::new();
-    flags.evaluate_all(&context, state.clock.now().timestamp(), |resolution| {
-        if track_exposure {
-            served.extend(exposure_of(&resolution));
-        }
-        let item = if !targeting_key && flags.needs_targeting_key(resolution.key) {
-            OfrepItem::Failure(OfrepFailure::new(
-                Some(resolution.key),
-                "TARGETING_KEY_MISSING",
-                "this flag buckets by targetingKey, and the context has none",
-            ))
-        } else {
-            match &resolution.error {
-                None => OfrepItem::Success(success(&resolution)),
-                Some(error) => OfrepItem::Failure(OfrepFailure::new(
-                    Some(resolution.key),
-                    error.code.as_str(),
-                    error.message.to_string(),
-                )),
+    let results = bulk_items(
+        flags,
+        &context,
+        state.clock.now().timestamp(),
+        |resolution| {
+            if track_exposure {
+                served.extend(exposure_of(resolution));
             }
-        };
-        results.push(item);
-    });
+        },
+    );
     if track_exposure {
         record_exposures(&state, &auth.principal, &context, served).await;
     }
@@ -460,7 +446,43 @@ pub async fn evaluate_flags(
         .into_response()
 }
 
-fn publishable_key<'h>(headers: &'h HeaderMap, principal: &Principal) -> Option<&'h str> {
+/// Every flag's OFREP item for one context, in key order (the context is
+/// mirrored once); `each` sees every resolution (for exposures).
+pub(crate) fn bulk_items<'f>(
+    flags: &'f flywheel_flags::CompiledFlagSet,
+    context: &EvaluationContext,
+    now: i64,
+    mut each: impl FnMut(&Resolution<'f>),
+) -> Vec<OfrepItem<'f>> {
+    let targeting_key = has_targeting_key(context);
+    let mut items = Vec::with_capacity(flags.len());
+    flags.evaluate_all(context, now, |resolution| {
+        each(&resolution);
+        let item = if !targeting_key && flags.needs_targeting_key(resolution.key) {
+            OfrepItem::Failure(OfrepFailure::new(
+                Some(resolution.key),
+                "TARGETING_KEY_MISSING",
+                "this flag buckets by targetingKey, and the context has none",
+            ))
+        } else {
+            match &resolution.error {
+                None => OfrepItem::Success(success(&resolution)),
+                Some(error) => OfrepItem::Failure(OfrepFailure::new(
+                    Some(resolution.key),
+                    error.code.as_str(),
+                    error.message.to_string(),
+                )),
+            }
+        };
+        items.push(item);
+    });
+    items
+}
+
+pub(crate) fn publishable_key<'h>(
+    headers: &'h HeaderMap,
+    principal: &Principal,
+) -> Option<&'h str> {
     use flywheel_domain::keys::KeyKind;
     if principal.key_kind != KeyKind::Publishable {
         return None;

@@ -1,7 +1,7 @@
 //! Project settings (consent, IP, PII, schema mode), event schemas and their
 //! violations, and deleting a person. Secret keys only.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, put};
 use axum::{Json, Router};
@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::SecretKey;
-use crate::error::{ApiError, ApiJson, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -196,10 +196,8 @@ pub struct ViolationList {
 pub async fn list_violations(
     State(state): State<AppState>,
     auth: SecretKey,
-    params: Result<Query<LimitParams>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(params): ApiQuery<LimitParams>,
 ) -> Result<Json<ViolationList>, ApiError> {
-    let Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let limit = super::page_limit(params.limit)?;
     let found = state
         .store

@@ -13,8 +13,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::header::AUTHORIZATION;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
@@ -22,7 +21,7 @@ use axum::{Json, Router};
 use flywheel_domain::events::{decode_native, Envelope};
 use flywheel_domain::growth::model::validate_external_id;
 use flywheel_domain::identity::verify_user_hash;
-use flywheel_domain::keys::{KeyKind, Scope};
+use flywheel_domain::keys::KeyKind;
 use flywheel_domain::prompts::{action_event_id, Prompt, PromptAction, PromptRules};
 use flywheel_domain::snapshot::Principal;
 use flywheel_store::growth::{LiveRecord, PromptStats};
@@ -33,7 +32,7 @@ use tokio::sync::broadcast;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{AnyKey, SecretKey};
-use crate::error::{ApiError, ApiJson, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::state::AppState;
 
 /// Heartbeat comments on idle streams, so proxies keep them open.
@@ -112,14 +111,9 @@ pub async fn put_prompt_rules(
     auth: SecretKey,
     ApiJson(rules): ApiJson<PromptRules>,
 ) -> Result<Json<PromptRulesView>, ApiError> {
-    let rules = rules.validate().map_err(|problems| {
-        let message = problems
-            .iter()
-            .map(|problem| problem.message.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_prompt_rules", message)
-    })?;
+    let rules = rules
+        .validate()
+        .map_err(|problems| ApiError::invalid_document("invalid_prompt_rules", &problems))?;
     let project = auth.principal.project_id();
     let document = serde_json::to_value(&rules).map_err(ApiError::internal)?;
     let actor = format!("key:{}", auth.principal.key_id.0);
@@ -277,7 +271,7 @@ pub struct PromptList {
 pub async fn list_prompts(
     State(state): State<AppState>,
     auth: AnyKey,
-    Query(query): Query<PromptsQuery>,
+    ApiQuery(query): ApiQuery<PromptsQuery>,
 ) -> Result<Json<PromptList>, ApiError> {
     validate_external_id("user_id", &query.user_id)?;
     let limit = match query.limit {
@@ -558,44 +552,28 @@ pub async fn decide(
         None => None,
     };
     let prompts = state.store.pending_prompts(project, &user, now, 20).await?;
-    let flags = &principal.project.flags;
-    let targeting = crate::routes::ofrep::has_targeting_key(&context);
-    let mut items = Vec::with_capacity(flags.len());
-    flags.evaluate_all(&context, now.timestamp(), |resolution| {
-        use crate::routes::ofrep::{success, OfrepFailure, OfrepItem};
-        items.push(if !targeting && flags.needs_targeting_key(resolution.key) {
-            OfrepItem::Failure(OfrepFailure::new(
-                Some(resolution.key),
-                "TARGETING_KEY_MISSING",
-                "this flag buckets by targetingKey, and the context has none",
-            ))
-        } else {
-            match &resolution.error {
-                None => OfrepItem::Success(success(&resolution)),
-                Some(error) => OfrepItem::Failure(OfrepFailure::new(
-                    Some(resolution.key),
-                    error.code.as_str(),
-                    error.message.to_string(),
-                )),
-            }
-        });
-    });
-    let mut stream_url = format!("/v1/stream?user_id={}", urlencode(&user));
+    let items = crate::routes::ofrep::bulk_items(
+        &principal.project.flags,
+        &context,
+        now.timestamp(),
+        |_| {},
+    );
+    let mut query: Vec<(&str, &str)> = vec![("user_id", &user)];
     if let Some(org) = &org_id {
-        stream_url.push_str("&org_id=");
-        stream_url.push_str(&urlencode(org));
+        query.push(("org_id", org));
     }
     if let Some(hash) = &request.user_hash {
-        stream_url.push_str("&user_hash=");
-        stream_url.push_str(&urlencode(hash));
+        query.push(("user_hash", hash));
     }
-    if principal.key_kind == KeyKind::Publishable {
-        // EventSource cannot send headers; a publishable key is public.
-        if let Some(key) = presented_key(&headers) {
-            stream_url.push_str("&key=");
-            stream_url.push_str(&urlencode(key));
-        }
+    // EventSource cannot send headers; a publishable key is public (a
+    // secret key never goes into a URL).
+    if let Some(key) = crate::routes::ofrep::publishable_key(&headers, principal) {
+        query.push(("key", key));
     }
+    let stream_url = format!(
+        "/v1/stream?{}",
+        serde_urlencoded::to_string(&query).map_err(ApiError::internal)?
+    );
     let answer = DecideAnswer {
         user_id: user,
         org_id,
@@ -605,25 +583,6 @@ pub async fn decide(
         stream_url,
     };
     Ok(Json(answer).into_response())
-}
-
-fn urlencode(text: &str) -> String {
-    serde_urlencoded::to_string([("", text)])
-        .map(|pair| pair.trim_start_matches('=').to_owned())
-        .unwrap_or_default()
-}
-
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().split_once(' '))
-        .map(|(_, key)| key.trim())
-        .or_else(|| {
-            headers
-                .get("x-api-key")
-                .and_then(|value| value.to_str().ok())
-        })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -664,23 +623,10 @@ pub struct StreamQuery {
     ))]
 pub async fn stream(
     State(state): State<AppState>,
-    Query(query): Query<StreamQuery>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
     mut parts: axum::http::request::Parts,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    use axum::extract::FromRequestParts;
-    let has_header =
-        parts.headers.contains_key(AUTHORIZATION) || parts.headers.contains_key("x-api-key");
-    let principal = match (&query.key, has_header) {
-        (Some(key), false) => state
-            .snapshot
-            .load()
-            .authorize(Some(key.as_str()), Scope::Public)?,
-        _ => {
-            AnyKey::from_request_parts(&mut parts, &state)
-                .await?
-                .principal
-        }
-    };
+    let principal = crate::auth::stream_principal(&state, query.key.as_deref(), &mut parts).await?;
     validate_external_id("user_id", &query.user_id)?;
     verify_user(
         &state,

@@ -1,7 +1,7 @@
 //! Outbound webhook endpoints and their deliveries (secret key). Messages
 //! are signed with the Standard Webhooks scheme; see `outbound.rs`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::SecretKey;
-use crate::error::{ApiError, ApiJson, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -249,7 +249,7 @@ pub struct DeliveryList {
 pub async fn list_deliveries(
     State(state): State<AppState>,
     auth: SecretKey,
-    Query(params): Query<DeliveryParams>,
+    ApiQuery(params): ApiQuery<DeliveryParams>,
 ) -> Result<Json<DeliveryList>, ApiError> {
     let limit = crate::routes::page_limit(params.limit)?;
     if let Some(status) = &params.status {

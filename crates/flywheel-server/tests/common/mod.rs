@@ -2,6 +2,8 @@
 //! on port 0, and a started server with its bootstrap keys as clients.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::sync::{Arc, Mutex};
+
 use flywheel_client::Client;
 use flywheel_domain::clock::SharedClock;
 use flywheel_server::{RunningServer, Settings};
@@ -70,4 +72,39 @@ pub async fn call(
         response.status(),
         response.json().await.unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// Webhooks a receiver got: the Standard Webhooks headers (as JSON) and the
+/// body, in arrival order.
+pub type Webhooks = Arc<Mutex<Vec<(serde_json::Value, String)>>>;
+
+/// A local HTTP receiver at `url` that records each webhook; with
+/// `fail_first` it answers 500 to the first delivery, to exercise a retry.
+pub async fn receiver_failing_first(fail_first: bool) -> (String, Webhooks) {
+    let seen: Webhooks = Arc::default();
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(!fail_first));
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let record = record.clone();
+            let failed_once = failed_once.clone();
+            async move {
+                if !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return reqwest::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                let headers = serde_json::json!({
+                    "webhook-id": headers["webhook-id"].to_str().unwrap(),
+                    "webhook-timestamp": headers["webhook-timestamp"].to_str().unwrap(),
+                    "webhook-signature": headers["webhook-signature"].to_str().unwrap(),
+                });
+                record.lock().unwrap().push((headers, body));
+                reqwest::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
 }
