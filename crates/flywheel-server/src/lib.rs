@@ -43,6 +43,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod snapshot;
 pub mod state;
+pub mod stream_connections;
 pub mod stripe_api;
 pub mod telemetry;
 
@@ -210,7 +211,18 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             shutdown::close_connections_when_draining(draining.clone(), request, next)
         }
     }));
-    let listener = shutdown::DrainingListener::new(listener, draining.clone())?;
+    // One acceptor: connections that open a stream are served outside
+    // hyper (see `stream_connections`), the rest go to `axum::serve`.
+    let (to_hyper, hyper_connections) = tokio::sync::mpsc::channel(1024);
+    let stream_tasks = tokio_util::task::TaskTracker::new();
+    let acceptor = tokio::spawn(stream_connections::accept(
+        listener,
+        draining.clone(),
+        to_hyper,
+        app.clone(),
+        stream_tasks.clone(),
+    ));
+    let listener = shutdown::DrainingListener::new(hyper_connections, local_addr);
     let grace = Duration::from_secs(settings.http.shutdown_grace_secs);
     let drain = Duration::from_millis(settings.http.shutdown_drain_ms);
     let token = shutdown.clone();
@@ -240,6 +252,17 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
                 Ok(())
             }
         };
+        // Streams served outside hyper ended when `live_closing` fired.
+        if let Err(error) = acceptor.await {
+            tracing::warn!(error = %error, "the connection acceptor ended abnormally");
+        }
+        stream_tasks.close();
+        if tokio::time::timeout(grace, stream_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("stream connections did not close within the grace period");
+        }
         // HTTP has drained: now stop and flush background work.
         background.cancel();
         if let Err(error) = watcher.await {

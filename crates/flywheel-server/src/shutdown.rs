@@ -9,7 +9,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::header::CONNECTION;
@@ -17,24 +16,25 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::serve::Listener;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// A TCP listener that closes its socket once draining starts.
+/// The connections hyper serves: everything [`crate::stream_connections`]
+/// accepted and did not keep. Its acceptor closes the listening socket once
+/// draining starts; then this yields nothing more.
 #[derive(Debug)]
 pub struct DrainingListener {
-    inner: Option<TcpListener>,
+    connections: mpsc::Receiver<(TcpStream, SocketAddr)>,
     address: SocketAddr,
-    draining: CancellationToken,
 }
 
 impl DrainingListener {
-    pub fn new(inner: TcpListener, draining: CancellationToken) -> io::Result<Self> {
-        Ok(Self {
-            address: inner.local_addr()?,
-            inner: Some(inner),
-            draining,
-        })
+    pub fn new(connections: mpsc::Receiver<(TcpStream, SocketAddr)>, address: SocketAddr) -> Self {
+        Self {
+            connections,
+            address,
+        }
     }
 }
 
@@ -43,25 +43,10 @@ impl Listener for DrainingListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            let Some(listener) = self.inner.as_mut() else {
-                // Draining: never accept again.
-                return std::future::pending().await;
-            };
-            let draining = &self.draining;
-            let accepted = tokio::select! {
-                _ = draining.cancelled() => None,
-                accepted = TcpListener::accept(listener) => Some(accepted),
-            };
-            match accepted {
-                None => self.inner = None,
-                Some(Ok(connection)) => return connection,
-                Some(Err(error)) => {
-                    // Typically EMFILE: back off rather than spin.
-                    tracing::warn!(error = %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+        match self.connections.recv().await {
+            Some(connection) => connection,
+            // Draining: never accept again.
+            None => std::future::pending().await,
         }
     }
 

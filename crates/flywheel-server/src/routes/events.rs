@@ -21,7 +21,7 @@ use flywheel_domain::events::{self, Envelope, Event, EventType, Rejection};
 use flywheel_domain::keys::Scope;
 use flywheel_domain::snapshot::Principal;
 use flywheel_store::{EventQuery, StoredEvent};
-use futures_util::stream::Stream;
+use futures_util::stream::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -632,7 +632,9 @@ pub async fn tail_events(
         )
         .await?;
     let start = newest.first().map_or(0, |e| e.seq);
-    let stream = tail_stream(state, project, start);
+    // Ends at shutdown (drain): the client reconnects elsewhere.
+    let closing = state.live_closing.clone().cancelled_owned();
+    let stream = tail_stream(state, project, start).take_until(closing);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())

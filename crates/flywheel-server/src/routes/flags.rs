@@ -21,7 +21,7 @@ use flywheel_domain::snapshot::{Principal, ProjectConfig};
 use flywheel_flags::definition::FlagDefinition;
 use flywheel_flags::diff::{diff, Change};
 use flywheel_flags::{FlagDocument, FlagError};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
@@ -645,7 +645,7 @@ pub async fn stream(
     let changes = state.snapshot.subscribe_flag_changes();
     let clock = state.clock.clone();
     // Ends when the client goes away (the stream is dropped) or the server
-    // shuts down (the channel closes).
+    // shuts down (drain: the client reconnects elsewhere).
     let events = futures_util::stream::unfold((first, changes), move |(mut first, mut changes)| {
         let clock = clock.clone();
         async move {
@@ -668,6 +668,7 @@ pub async fn stream(
             }
         }
     });
+    let events = events.take_until(state.live_closing.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
