@@ -23,6 +23,7 @@ flywheel_store::for_each_backend!(
     bad_signatures_are_refused_and_change_nothing,
     invoices_and_checkout_find_the_org_by_customer,
     checkout_and_the_billing_portal_call_stripe,
+    a_trial_prompts_the_org_owner_with_its_end_date,
 );
 
 const SECRET: &str = "whsec_test_flywheel";
@@ -284,6 +285,73 @@ async fn bad_signatures_are_refused_and_change_nothing(backend: Backend) {
         (status, answer["error"]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("stripe_not_configured"))
     );
+}
+
+async fn a_trial_prompts_the_org_owner_with_its_end_date(backend: Backend) {
+    let app = spawn(backend, vec![SECRET.into()]).await;
+    let s = &app.secret;
+    let (status, body) = call(
+        s,
+        Method::PUT,
+        "/v1/prompt-rules",
+        Some(json!({"prompts": [
+            {"key": "trial", "trigger": {"on": "trial_ending"},
+             "content": {"title": "{{days_left}} days left of your {{plan_name}} trial",
+                         "body": "It ends {{ends_at}}."}, "frequency": "once"}
+        ]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, signup) = call(s, Method::POST, "/v1/signup", Some(json!({
+        "user_id": "dana", "email": "dana@example.com", "org_name": "Dana's", "idempotency_key": "s-dana"
+    }))).await;
+    assert_eq!(status, StatusCode::OK, "{signup}");
+    let org = signup["org"]["org_id"].as_str().unwrap().to_owned();
+    let mut trialing = subscription("trialing", false, Some(&org));
+    trialing["trial_end"] = json!(unix("2027-03-24T12:00:00Z"));
+    let created = event(
+        "evt_t1",
+        "customer.subscription.created",
+        "2027-03-10T11:59:00Z",
+        trialing.clone(),
+    );
+    let (status, ack) = deliver(&app, &created, SECRET, unix(NOW)).await;
+    assert_eq!(
+        (status, ack["outcome"].clone()),
+        (StatusCode::OK, json!("applied")),
+        "{ack}"
+    );
+    let (_, subscription_view) = call(
+        s,
+        Method::GET,
+        &format!("/v1/orgs/{org}/subscription"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        subscription_view["subscription"]["trial_ends_at"], "2027-03-24T12:00:00Z",
+        "{subscription_view}"
+    );
+    let (_, pending) = call(s, Method::GET, "/v1/prompts?user_id=dana", None).await;
+    let prompts = pending["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 1, "{pending}");
+    assert_eq!(prompts[0]["title"], "14 days left of your pro trial");
+    assert_eq!(prompts[0]["body"], "It ends 2027-03-24T12:00:00Z.");
+    assert_eq!(prompts[0]["data"]["days_left"], 14);
+    // A redelivery, and an update that is still the same trial, fire nothing.
+    deliver(&app, &created, SECRET, unix(NOW)).await;
+    let updated = event(
+        "evt_t2",
+        "customer.subscription.updated",
+        "2027-03-10T11:59:30Z",
+        trialing,
+    );
+    assert_eq!(
+        deliver(&app, &updated, SECRET, unix(NOW)).await.1["outcome"],
+        "applied"
+    );
+    let (_, pending) = call(s, Method::GET, "/v1/prompts?user_id=dana", None).await;
+    assert_eq!(pending["prompts"].as_array().unwrap().len(), 1, "{pending}");
 }
 
 async fn invoices_and_checkout_find_the_org_by_customer(backend: Backend) {

@@ -336,7 +336,8 @@ macro_rules! growth_store_impl {
                     let status = |state: &OrgState| state.subscription.as_ref().map(|s| s.status);
                     let (was, is) = (status(before), status(after));
                     if is == Some(SubscriptionStatus::Trialing) && was != is {
-                        triggers.push(trigger(TriggerFact::TrialEnding { ends_at: None }));
+                        let ends_at = after.subscription.as_ref().and_then(|s| s.trial_ends_at);
+                        triggers.push(trigger(TriggerFact::TrialEnding { ends_at }));
                     }
                     if is == Some(SubscriptionStatus::PastDue) && was != is {
                         let since = after.subscription.as_ref().and_then(|s| s.past_due_since).unwrap_or(now);

@@ -72,6 +72,9 @@ pub struct Subscription {
     pub scheduled: Option<ScheduledChange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub past_due_since: Option<DateTime<Utc>>,
+    /// When the trial ends, while the subscription is `trialing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_ends_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe: Option<StripeLink>,
 }
@@ -520,6 +523,8 @@ pub enum StripeChange {
         current_period_end: Option<DateTime<Utc>>,
         cancel_at_period_end: bool,
         cancel_at: Option<DateTime<Utc>>,
+        /// When the trial ends (Stripe's `trial_end`), if there is one.
+        trial_end: Option<DateTime<Utc>>,
         deleted: bool,
     },
     /// An invoice was paid: a `past_due` subscription is active again.
@@ -675,6 +680,7 @@ impl OrgState {
                 current_period_end,
                 cancel_at_period_end,
                 cancel_at,
+                trial_end,
                 deleted,
             } => {
                 let anchor = current_period_start.unwrap_or(sync.event_created);
@@ -699,6 +705,7 @@ impl OrgState {
                         anchor: self.created_at,
                         scheduled: None,
                         past_due_since: None,
+                        trial_ends_at: None,
                         stripe: None,
                     });
                 }
@@ -715,6 +722,8 @@ impl OrgState {
                     *status
                 };
                 set_status(subscription, status, sync.event_created);
+                subscription.trial_ends_at =
+                    trial_end.filter(|_| status == SubscriptionStatus::Trialing);
                 let cancel_time = if *cancel_at_period_end {
                     *current_period_end
                 } else {
@@ -1064,6 +1073,7 @@ impl OrgState {
             anchor: created_at,
             scheduled: None,
             past_due_since: None,
+            trial_ends_at: None,
             stripe: None,
         });
         if current.as_deref() == Some(plan) {

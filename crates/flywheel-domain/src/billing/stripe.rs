@@ -286,6 +286,8 @@ pub struct SubscriptionFact {
     pub cancel_at_period_end: bool,
     /// `cancel_at`, if set.
     pub cancel_at: Option<DateTime<Utc>>,
+    /// `trial_end`, if the subscription has (or had) a trial.
+    pub trial_end: Option<DateTime<Utc>>,
     /// The event is `customer.subscription.deleted`.
     pub deleted: bool,
 }
@@ -368,6 +370,7 @@ fn subscription_fact(object: &Value, deleted: bool) -> StripeFact {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         cancel_at: timestamp(object.get("cancel_at")),
+        trial_end: timestamp(object.get("trial_end")),
         deleted,
     })
 }
@@ -754,7 +757,8 @@ mod tests {
             },
             "metadata": {},
             "plan": {"id": "price_team_y", "object": "plan"},
-            "status": "trialing"
+            "status": "trialing",
+            "trial_end": T + 13 * 86_400
         })
     }
 
@@ -834,6 +838,7 @@ mod tests {
                 current_period_end: Some(at(T + 31 * 86_400)),
                 cancel_at_period_end: false,
                 cancel_at: None,
+                trial_end: None,
                 deleted: false,
             }
         );
@@ -855,6 +860,7 @@ mod tests {
                 current_period_end: Some(at(T + 30 * 86_400)),
                 cancel_at_period_end: true,
                 cancel_at: Some(at(T + 20 * 86_400)),
+                trial_end: Some(at(T + 13 * 86_400)),
                 deleted: false,
             }
         );

@@ -826,6 +826,7 @@ fn stripe_subscription(
         current_period_end: Some(at(end)),
         cancel_at_period_end,
         cancel_at: None,
+        trial_end: None,
         deleted: false,
     }
 }
@@ -1000,6 +1001,7 @@ fn stripe_payment_failures_start_the_grace_period_and_deletion_ends_access() {
             current_period_end: None,
             cancel_at_period_end: false,
             cancel_at: None,
+            trial_end: None,
             deleted: true,
         },
     );
@@ -1200,4 +1202,66 @@ mod notices {
         )
         .is_empty());
     }
+}
+
+#[test]
+fn a_trial_end_is_kept_while_trialing_and_dropped_when_the_trial_is_over() {
+    let c = catalog();
+    let mut state = org("2027-01-01T00:00:00Z");
+    let trial_end = at("2027-01-15T00:00:00Z");
+    let sync = |created: &str, status, trial_end| {
+        let StripeChange::Subscription {
+            plan,
+            current_period_start,
+            current_period_end,
+            cancel_at_period_end,
+            cancel_at,
+            deleted,
+            ..
+        } = stripe_subscription(
+            Some("pro"),
+            status,
+            "2027-01-01T00:00:00Z",
+            "2027-01-15T00:00:00Z",
+            false,
+        )
+        else {
+            unreachable!()
+        };
+        stripe(
+            created,
+            "sub_1",
+            StripeChange::Subscription {
+                plan,
+                status,
+                current_period_start,
+                current_period_end,
+                cancel_at_period_end,
+                cancel_at,
+                trial_end,
+                deleted,
+            },
+        )
+    };
+    let trial_ends_at = |state: &OrgState| state.subscription.as_ref().unwrap().trial_ends_at;
+    let trialing = sync(
+        "2027-01-01T00:00:00Z",
+        SubscriptionStatus::Trialing,
+        Some(trial_end),
+    );
+    state
+        .execute(&c, &trialing, GRACE, at("2027-01-01T00:00:00Z"))
+        .unwrap();
+    assert_eq!(trial_ends_at(&state), Some(trial_end));
+    // Stripe keeps `trial_end` on the subscription after the trial: an
+    // active subscription has no trial ending.
+    let active = sync(
+        "2027-01-15T00:00:01Z",
+        SubscriptionStatus::Active,
+        Some(trial_end),
+    );
+    state
+        .execute(&c, &active, GRACE, at("2027-01-15T00:00:01Z"))
+        .unwrap();
+    assert_eq!(trial_ends_at(&state), None);
 }

@@ -134,6 +134,7 @@ pub async fn webhook(
                 current_period_end: fact.current_period_end,
                 cancel_at_period_end: fact.cancel_at_period_end,
                 cancel_at: fact.cancel_at,
+                trial_end: fact.trial_end,
                 deleted: fact.deleted,
             };
             (
