@@ -28,6 +28,7 @@ flywheel_store::for_each_backend!(
     retries_and_caps_never_fire_twice_and_a_reconnecting_stream_gets_what_it_missed,
     identity_verification_guards_a_users_reads,
     refusals_have_documented_codes,
+    without_consent_a_prompt_action_changes_the_prompt_and_stores_no_event,
 );
 
 struct App {
@@ -824,4 +825,68 @@ async fn refusals_have_documented_codes(backend: Backend) {
     );
     let query = format!("user_id={}&key={}", "x".repeat(300), app.publishable_key);
     assert_eq!(refused(&app, &query, None).await.0, StatusCode::BAD_REQUEST);
+}
+
+async fn without_consent_a_prompt_action_changes_the_prompt_and_stores_no_event(backend: Backend) {
+    let app = spawn(backend).await;
+    let s = &app.secret;
+    let (status, body) = call(s, Method::PUT, "/v1/catalog", Some(catalog())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(
+        s,
+        Method::PUT,
+        "/v1/prompt-rules",
+        Some(json!({"prompts": [
+            {"key": "nearly_full", "trigger": {"on": "usage_warning", "feature": "projects"},
+             "content": {"title": "{{used}} of {{limit}}"}, "frequency": "once"},
+        ]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(
+        s,
+        Method::PUT,
+        "/v1/project/settings",
+        Some(json!({"require_analytics_consent": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for n in 1..=4 {
+        let (status, _) = call(
+            s,
+            Method::POST,
+            "/v1/consume",
+            Some(json!({
+                "org_id": "acme", "feature": "projects", "amount": 1,
+                "idempotency_key": format!("c{n}"), "user_id": "erin"
+            })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (_, pending) = call(s, Method::GET, "/v1/prompts?user_id=erin", None).await;
+    let prompt_id = pending["prompts"][0]["id"]
+        .as_str()
+        .expect("a prompt")
+        .to_owned();
+    let path = format!("/v1/prompts/{prompt_id}/events");
+    let act = |body: Value| call(&app.publishable, Method::POST, &path, Some(body));
+    // Shown with consent: the event is stored.
+    let (status, shown) = act(json!({"type": "shown", "consent": {"analytics": true}})).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert!(shown["shown_at"].is_string(), "{shown}");
+    // Dismissed without: the prompt is dismissed all the same, no event.
+    let (status, dismissed) = act(json!({"type": "dismissed"})).await;
+    assert_eq!(status, StatusCode::OK, "{dismissed}");
+    assert!(dismissed["dismissed_at"].is_string(), "{dismissed}");
+    assert_eq!(dismissed["status"], "dismissed", "{dismissed}");
+    let (_, pending) = call(s, Method::GET, "/v1/prompts?user_id=erin", None).await;
+    assert_eq!(pending["prompts"], json!([]));
+    for (name, count) in [("$prompt_shown", 1), ("$prompt_dismissed", 0)] {
+        let (_, events) = call(s, Method::GET, &format!("/v1/events?event={name}"), None).await;
+        assert_eq!(events["events"].as_array().unwrap().len(), count, "{name}");
+    }
+    // Repeating it changes nothing.
+    let (_, again) = act(json!({"type": "dismissed"})).await;
+    assert_eq!(again["dismissed_at"], dismissed["dismissed_at"]);
 }

@@ -784,6 +784,19 @@ pub trait GrowthStore: Send + Sync {
         id: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<flywheel_domain::prompts::Prompt>, crate::StoreError>;
+    /// Records what the product did with a prompt of `user_id` without an
+    /// event: for a project that requires analytics consent, when the
+    /// request had none. The prompt still changes (a dismissed prompt stops
+    /// showing; a click is still credited) but no analytics event is
+    /// stored. The first time of each action counts.
+    async fn record_prompt_action(
+        &self,
+        project: ProjectId,
+        prompt_id: &str,
+        user_id: &str,
+        action: flywheel_domain::prompts::PromptAction,
+        at: DateTime<Utc>,
+    ) -> Result<(), crate::StoreError>;
     /// Counts per rule and variant.
     async fn prompt_stats(&self, project: ProjectId)
         -> Result<Vec<PromptStats>, crate::StoreError>;

@@ -680,22 +680,37 @@ macro_rules! growth_store_impl {
                     ) else {
                         continue;
                     };
-                    let column = match action {
-                        PromptAction::Shown => "shown_at",
-                        PromptAction::Clicked => "clicked_at",
-                        PromptAction::Dismissed => "dismissed_at",
-                    };
-                    sqlx::query(&format!(
-                        "UPDATE prompts SET {column} = $1 WHERE project_id = $2 AND id = $3 AND user_id = $4 \
-                         AND {column} IS NULL"
-                    ))
-                    .bind(g_time(event.timestamp))
-                    .bind(g_project(project))
-                    .bind(prompt_id)
-                    .bind(user)
-                    .execute(&mut *conn)
-                    .await?;
+                    set_prompt_action(conn, project, prompt_id, user, action, event.timestamp).await?;
                 }
+                Ok(())
+            }
+
+            /// Marks `action` on a prompt of `user` at `at`, unless it is
+            /// marked already.
+            async fn set_prompt_action(
+                conn: &mut Conn,
+                project: ProjectId,
+                prompt_id: &str,
+                user: &str,
+                action: flywheel_domain::prompts::PromptAction,
+                at: DateTime<Utc>,
+            ) -> Result<(), StoreError> {
+                use flywheel_domain::prompts::PromptAction;
+                let column = match action {
+                    PromptAction::Shown => "shown_at",
+                    PromptAction::Clicked => "clicked_at",
+                    PromptAction::Dismissed => "dismissed_at",
+                };
+                sqlx::query(&format!(
+                    "UPDATE prompts SET {column} = $1 WHERE project_id = $2 AND id = $3 AND user_id = $4 \
+                     AND {column} IS NULL"
+                ))
+                .bind(g_time(at))
+                .bind(g_project(project))
+                .bind(prompt_id)
+                .bind(user)
+                .execute(&mut *conn)
+                .await?;
                 Ok(())
             }
 
@@ -3493,6 +3508,20 @@ macro_rules! growth_store_impl {
                     .fetch_optional(self.g_reader())
                     .await?;
                     row.as_ref().map(|row| prompt_from(row, now)).transpose()
+                }
+
+                async fn record_prompt_action(
+                    &self,
+                    project: ProjectId,
+                    prompt_id: &str,
+                    user_id: &str,
+                    action: flywheel_domain::prompts::PromptAction,
+                    at: DateTime<Utc>,
+                ) -> Result<(), StoreError> {
+                    let mut tx = self.g_begin().await?;
+                    set_prompt_action(&mut tx, project, prompt_id, user_id, action, at).await?;
+                    tx.commit().await?;
+                    Ok(())
                 }
 
                 async fn prompt_stats(&self, project: ProjectId) -> Result<Vec<PromptStats>, StoreError> {

@@ -377,6 +377,11 @@ pub struct PromptEventRequest {
     /// verification).
     #[serde(default)]
     user_hash: Option<String>,
+    /// The user's consent, as on a native event (`{"analytics": true}`).
+    /// Where the project requires analytics consent and this lacks it, the
+    /// prompt still changes but no event is stored.
+    #[serde(default)]
+    consent: Option<Value>,
 }
 
 /// Records what the product did with a prompt, as a `$prompt_shown`,
@@ -384,7 +389,9 @@ pub struct PromptEventRequest {
 /// (the first of each counts; repeating it changes nothing). A clicked or
 /// dismissed prompt is no longer pending; an upgrade of the org within the
 /// attribution window after a click is credited to the prompt and its
-/// variant. Answers the prompt as it now stands.
+/// variant. Where the project requires analytics consent and the request
+/// carries none (`consent`), the prompt changes all the same but no event
+/// is stored. Answers the prompt as it now stands.
 #[utoipa::path(post, path = "/v1/prompts/{prompt_id}/events", tag = "prompts",
     security(("api_key" = [])),
     params(("prompt_id" = String, Path)),
@@ -437,6 +444,7 @@ pub async fn prompt_event(
             "flag": prompt.flag,
             "trigger": prompt.trigger,
         },
+        "consent": request.consent,
     });
     let len = raw.to_string().len();
     let decoded = vec![decode_native(raw, len, 0, &envelope)];
@@ -451,6 +459,12 @@ pub async fn prompt_event(
                 rejected.message
             ),
         ));
+    }
+    if outcome.dropped_no_consent > 0 {
+        state
+            .store
+            .record_prompt_action(project, &prompt.id, &prompt.user_id, action, now)
+            .await?;
     }
     state
         .store
