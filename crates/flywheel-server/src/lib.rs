@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, ETAG, RETRY_AFTER};
-use axum::http::{HeaderName, HeaderValue, Method};
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
 use axum::Router;
@@ -22,7 +21,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::cors::{Any, CorsLayer};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -30,6 +28,7 @@ use tower_http::trace::TraceLayer;
 
 pub mod auth;
 pub mod billing;
+pub mod cors;
 pub mod enrichment;
 pub mod error;
 pub mod growth;
@@ -188,6 +187,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         profiles,
         live: live.clone(),
         live_closing: live_closing.clone(),
+        draining: Default::default(),
         identity_secrets: Default::default(),
     });
     let listener = TcpListener::bind(settings.bind)
@@ -203,14 +203,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         background.clone(),
     ));
     let draining = CancellationToken::new();
-    let app = app(state.clone(), &settings).layer(middleware::from_fn({
-        // An `Arc` around the token: cloning a `CancellationToken` locks its
-        // tree, which showed in a profile at one clone per request.
-        let draining = Arc::new(draining.clone());
-        move |request: Request, next: Next| {
-            shutdown::close_connections_when_draining(draining.clone(), request, next)
-        }
-    }));
+    let app = app(state.clone(), &settings);
     // One acceptor: connections that open a stream are served outside
     // hyper (see `stream_connections`), the rest go to `axum::serve`.
     let (to_hyper, hyper_connections) = tokio::sync::mpsc::channel(1024);
@@ -226,6 +219,7 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let grace = Duration::from_secs(settings.http.shutdown_grace_secs);
     let drain = Duration::from_millis(settings.http.shutdown_drain_ms);
     let token = shutdown.clone();
+    let drain_state = state.clone();
     let task = tokio::spawn(async move {
         // Drain first (refuse new connections, close kept-alive ones after
         // their next response), then close what is idle and finish the rest.
@@ -234,6 +228,9 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             async move {
                 token.cancelled().await;
                 draining.cancel();
+                drain_state
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 // Open streams end now: their clients reconnect elsewhere
                 // and resume from Last-Event-ID.
                 live_closing.cancel();
@@ -315,15 +312,16 @@ impl MakeRequestId for FastRequestId {
 /// The complete application: routes plus the middleware every request passes.
 pub fn app(state: AppState, settings: &Settings) -> Router {
     let timeout = Duration::from_secs(settings.http.request_timeout_secs.max(1));
+    let edge_state = state.clone();
     routes::router()
-        // Metrics and the request timeout in one layer: each `from_fn` layer
-        // costs a boxed service clone and a boxed future per request.
+        // Metrics, the request timeout, CORS and the drain in one layer:
+        // each `from_fn` layer costs a boxed service clone and a boxed
+        // future per request.
         .layer(middleware::from_fn(move |request: Request, next: Next| {
-            telemetry::track_http(timeout, request, next)
+            telemetry::track_http(timeout, edge_state.clone(), request, next)
         }))
         .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
         .with_state(state)
-        .layer(cors())
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestId))
@@ -341,22 +339,4 @@ pub fn app(state: AppState, settings: &Settings) -> Router {
                     ApiError::internal("handler panicked").into_response()
                 })),
         )
-}
-
-/// Browsers call Flywheel with publishable keys from the product's own
-/// origin, whatever it is. Keys travel in headers, never in cookies, so
-/// allowing every origin exposes nothing a script could not already send.
-fn cors() -> CorsLayer {
-    CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-        .allow_headers([
-            AUTHORIZATION,
-            CONTENT_TYPE,
-            CONTENT_ENCODING,
-            HeaderName::from_static("x-api-key"),
-            REQUEST_ID,
-        ])
-        .expose_headers([REQUEST_ID, RETRY_AFTER, ETAG])
-        .max_age(Duration::from_secs(86_400))
 }

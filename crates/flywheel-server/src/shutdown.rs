@@ -2,7 +2,8 @@
 //!
 //! On SIGTERM the server first *drains*: the listening socket is closed (new
 //! connections are refused at once, not left hanging in the backlog), and
-//! every response on an existing connection carries `Connection: close`, so
+//! every response on an existing connection carries `Connection: close`
+//! (`AppState::draining`, read by `telemetry::track_http`), so
 //! a keep-alive client finishes the request it sent and reconnects elsewhere
 //! instead of having its next request cut off. After the drain window the
 //! remaining (idle) connections are closed and in-flight requests finish.
@@ -10,15 +11,9 @@
 use std::io;
 use std::net::SocketAddr;
 
-use axum::extract::Request;
-use axum::http::header::CONNECTION;
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::Response;
 use axum::serve::Listener;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 /// The connections hyper serves: everything [`crate::stream_connections`]
 /// accepted and did not keep. Its acceptor closes the listening socket once
@@ -53,19 +48,4 @@ impl Listener for DrainingListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.address)
     }
-}
-
-/// Marks responses `Connection: close` while draining.
-pub async fn close_connections_when_draining(
-    draining: std::sync::Arc<CancellationToken>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let mut response = next.run(request).await;
-    if draining.is_cancelled() {
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }

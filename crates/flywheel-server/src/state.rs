@@ -63,6 +63,10 @@ pub struct Shared {
     pub live: Arc<crate::live::LiveHub>,
     /// Cancelled when the server starts draining: live streams end.
     pub live_closing: tokio_util::sync::CancellationToken,
+    /// Set when the server starts draining: every response then says
+    /// `Connection: close` (read per request, so a flag, not a token whose
+    /// check takes a lock).
+    pub draining: std::sync::atomic::AtomicBool,
     /// Projects' identity-verification secrets, once read.
     pub identity_secrets: dashmap::DashMap<flywheel_domain::project::ProjectId, Arc<str>>,
 }

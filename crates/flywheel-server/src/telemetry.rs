@@ -64,22 +64,42 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Counts requests and times them, labelled by route template (not the raw
-/// path, which would give every id its own series), and bounds each request
-/// by `timeout` (408 `request_timeout`).
-pub async fn track_http(timeout: std::time::Duration, request: Request, next: Next) -> Response {
+/// The request edge: counts requests and times them, labelled by route
+/// template (not the raw path, which would give every id its own series),
+/// bounds each request by `timeout` (408 `request_timeout`), answers CORS
+/// preflights and adds the CORS headers ([`crate::cors`]), and marks
+/// responses `Connection: close` while the server drains (keep-alive
+/// clients finish what they sent and reconnect elsewhere).
+pub async fn track_http(
+    timeout: std::time::Duration,
+    state: crate::state::AppState,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().cloned();
     let method = static_method(request.method());
-    let response = match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => crate::error::ApiError::new(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!("the request took longer than {} s", timeout.as_secs()),
-        )
-        .into_response(),
+    let mut response = if crate::cors::is_preflight(&request) {
+        crate::cors::preflight()
+    } else {
+        let mut response = match tokio::time::timeout(timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => crate::error::ApiError::new(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request took longer than {} s", timeout.as_secs()),
+            )
+            .into_response(),
+        };
+        crate::cors::add_headers(response.headers_mut());
+        response
     };
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     let status = response.status().as_u16();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let (requests, duration) = http_metrics(method, route, status);

@@ -611,5 +611,46 @@ async fn browsers_get_cors(backend: Backend) {
         .await
         .unwrap();
     assert!(response.status().is_success());
+    let headers = response.headers();
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+    assert!(headers["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    assert!(headers["access-control-max-age"].to_str().is_ok());
+    // A preflight for a path that does not exist is answered all the same
+    // (the browser then gets the 404 of the request itself).
+    let response = app
+        .http
+        .request(Method::OPTIONS, format!("{}/v1/nowhere", app.base))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    // The request itself: readable from any origin, with its request id
+    // exposed; an error too.
+    for path in ["/healthz", "/v1/nowhere"] {
+        let response = app
+            .http
+            .get(format!("{}{path}", app.base))
+            .header("origin", "https://app.example.com")
+            .send()
+            .await
+            .unwrap();
+        let headers = response.headers();
+        assert_eq!(headers["access-control-allow-origin"], "*", "{path}");
+        assert!(
+            headers["access-control-expose-headers"]
+                .to_str()
+                .unwrap()
+                .contains("x-request-id"),
+            "{path}"
+        );
+        assert!(headers.contains_key("x-request-id"), "{path}");
+    }
 }
