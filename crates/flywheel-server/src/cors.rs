@@ -6,7 +6,7 @@
 //!
 //! The policy is fixed, so every header value is a static: this is applied
 //! inside the one request-edge middleware ([`crate::telemetry::track_http`])
-//! rather than as `tower_http::cors::CorsLayer`, whose service is cloned with
+//! rather than as tower-http's `CorsLayer`, whose service is cloned with
 //! its whole configuration (and its `Vary` list allocated) on every request,
 //! about 5 % of a `/v1/check` profile. The answers are the same as that
 //! layer's with `allow_origin(Any)`.

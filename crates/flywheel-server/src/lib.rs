@@ -11,20 +11,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::IntoResponse;
 use axum::Router;
 use flywheel_domain::clock::SharedClock;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::TraceLayer;
 
 pub mod auth;
 pub mod billing;
@@ -49,11 +41,8 @@ pub mod telemetry;
 pub use settings::Settings;
 pub use state::AppState;
 
-use crate::error::ApiError;
 use crate::projects::CreatedProject;
 use crate::snapshot::SnapshotCache;
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A server that is accepting connections.
 #[derive(Debug)]
@@ -293,50 +282,16 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     })
 }
 
-/// Request ids: random UUIDs from the thread's userspace CSPRNG (tower-http's
-/// `MakeRequestUuid` asks the kernel for entropy on every request).
-#[derive(Clone, Copy)]
-struct FastRequestId;
-
-impl MakeRequestId for FastRequestId {
-    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
-        let bytes: [u8; 16] = rand::random();
-        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut text).as_bytes())
-            .ok()
-            .map(RequestId::new)
-    }
-}
-
 /// The complete application: routes plus the middleware every request passes.
 pub fn app(state: AppState, settings: &Settings) -> Router {
     let timeout = Duration::from_secs(settings.http.request_timeout_secs.max(1));
-    let edge_state = state.clone();
+    let draining = state.draining.clone();
     routes::router()
-        // Metrics, the request timeout, CORS and the drain in one layer:
-        // each `from_fn` layer costs a boxed service clone and a boxed
-        // future per request.
+        // The whole request edge (request id, span, timeout, panics, CORS,
+        // drain, metrics) is this one layer: see `telemetry::track_http`.
         .layer(middleware::from_fn(move |request: Request, next: Next| {
-            telemetry::track_http(timeout, edge_state.clone(), request, next)
+            telemetry::track_http(timeout, draining.clone(), request, next)
         }))
         .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
         .with_state(state)
-        .layer(
-            ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestId))
-                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                    let request_id = request
-                        .headers()
-                        .get(REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-                }))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-                .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
-                    tracing::error!("a request handler panicked");
-                    ApiError::internal("handler panicked").into_response()
-                })),
-        )
 }

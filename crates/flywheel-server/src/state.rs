@@ -66,7 +66,7 @@ pub struct Shared {
     /// Set when the server starts draining: every response then says
     /// `Connection: close` (read per request, so a flag, not a token whose
     /// check takes a lock).
-    pub draining: std::sync::atomic::AtomicBool,
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Projects' identity-verification secrets, once read.
     pub identity_secrets: dashmap::DashMap<flywheel_domain::project::ProjectId, Arc<str>>,
 }

@@ -64,47 +64,101 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// The request edge: counts requests and times them, labelled by route
-/// template (not the raw path, which would give every id its own series),
-/// bounds each request by `timeout` (408 `request_timeout`), answers CORS
-/// preflights and adds the CORS headers ([`crate::cors`]), and marks
-/// responses `Connection: close` while the server drains (keep-alive
-/// clients finish what they sent and reconnect elsewhere).
+/// The request-id header: the caller's, or a fresh one, on every response.
+pub const REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");
+
+/// A random UUID from the thread's userspace CSPRNG (tower-http's
+/// `MakeRequestUuid` asks the kernel for entropy on every request).
+fn new_request_id() -> axum::http::HeaderValue {
+    let bytes: [u8; 16] = rand::random();
+    let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    axum::http::HeaderValue::from_str(id.hyphenated().encode_lower(&mut text))
+        .expect("a UUID is a valid header value")
+}
+
+/// The request edge, in one middleware (each layer costs a boxed service
+/// clone and a boxed future per request, and a `tower-http` layer clones its
+/// configuration too): it
+/// - gives the request an id (`X-Request-Id`: the caller's, else a fresh
+///   UUID) and returns it on the response;
+/// - runs the request in a `request` span (method, path, request id) and
+///   logs a 5xx at error level;
+/// - bounds it by `timeout` (408 `request_timeout`) and turns a handler
+///   panic into a 500 `internal` envelope (never a dropped connection);
+/// - answers CORS preflights and adds the CORS headers ([`crate::cors`]);
+/// - marks responses `Connection: close` while the server drains
+///   (keep-alive clients finish what they sent and reconnect elsewhere);
+/// - counts requests and times them, labelled by route template (not the
+///   raw path, which would give every id its own series).
 pub async fn track_http(
     timeout: std::time::Duration,
-    state: crate::state::AppState,
-    request: Request,
+    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut request: Request,
     next: Next,
 ) -> Response {
+    use futures_util::FutureExt as _;
+    use tracing::Instrument as _;
     let started = Instant::now();
+    let request_id = match request.headers().get(REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => {
+            let id = new_request_id();
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
     let route = request.extensions().get::<MatchedPath>().cloned();
     let method = static_method(request.method());
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = request_id.to_str().unwrap_or("-"),
+    );
     let mut response = if crate::cors::is_preflight(&request) {
         crate::cors::preflight()
     } else {
-        let mut response = match tokio::time::timeout(timeout, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => crate::error::ApiError::new(
+        let handled =
+            std::panic::AssertUnwindSafe(tokio::time::timeout(timeout, next.run(request)))
+                .catch_unwind()
+                .instrument(span.clone())
+                .await;
+        let mut response = match handled {
+            Ok(Ok(response)) => response,
+            Ok(Err(_)) => crate::error::ApiError::new(
                 axum::http::StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 format!("the request took longer than {} s", timeout.as_secs()),
             )
             .into_response(),
+            Err(_) => {
+                tracing::error!(parent: &span, "a request handler panicked");
+                crate::error::ApiError::internal("handler panicked").into_response()
+            }
         };
         crate::cors::add_headers(response.headers_mut());
         response
     };
-    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, request_id);
+    if draining.load(std::sync::atomic::Ordering::Relaxed) {
+        headers.insert(
             axum::http::header::CONNECTION,
             axum::http::HeaderValue::from_static("close"),
         );
     }
     let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    if status >= 500 {
+        tracing::error!(parent: &span, status, latency_ms = elapsed.as_secs_f64() * 1e3, "request failed");
+    } else {
+        tracing::debug!(parent: &span, status, latency_ms = elapsed.as_secs_f64() * 1e3, "request finished");
+    }
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let (requests, duration) = http_metrics(method, route, status);
     requests.increment(1);
-    duration.record(started.elapsed().as_secs_f64());
+    duration.record(elapsed.as_secs_f64());
     response
 }
 
@@ -155,4 +209,123 @@ fn http_metrics(method: &'static str, route: &str, status: u16) -> HttpHandles {
             .push(((method, status), handles.clone()));
         handles
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::middleware;
+    use axum::routing::get;
+    use axum::Router;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn edge(draining: Arc<AtomicBool>) -> Router {
+        Router::new()
+            .route("/ok", get(|| async { "ok" }))
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("a handler bug");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .layer(middleware::from_fn(move |request, next| {
+                // Short, so the slow route runs past it at once.
+                track_http(Duration::from_millis(50), draining.clone(), request, next)
+            }))
+    }
+
+    async fn send(router: &Router, request: Request<Body>) -> Response {
+        router.clone().oneshot(request).await.unwrap()
+    }
+
+    fn get_request(path: &str) -> Request<Body> {
+        Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    async fn error_code(response: Response) -> String {
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        body["error"]["code"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn every_response_has_a_request_id_and_cors_headers() {
+        let router = edge(Arc::default());
+        let minted = send(&router, get_request("/ok")).await;
+        assert_eq!(minted.status(), StatusCode::OK);
+        let id = minted.headers()[REQUEST_ID].to_str().unwrap();
+        assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+        assert_eq!(minted.headers()["access-control-allow-origin"], "*");
+        let mut request = get_request("/missing");
+        request
+            .headers_mut()
+            .insert(REQUEST_ID, "caller-7".parse().unwrap());
+        let kept = send(&router, request).await;
+        assert_eq!(kept.status(), StatusCode::NOT_FOUND);
+        assert_eq!(kept.headers()[REQUEST_ID], "caller-7");
+        assert!(!kept.headers().contains_key("connection"));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_500_envelope_not_a_dropped_connection() {
+        let router = edge(Arc::default());
+        let response = send(&router, get_request("/boom")).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().contains_key(REQUEST_ID));
+        assert_eq!(error_code(response).await, "internal");
+        // The router still serves.
+        assert_eq!(
+            send(&router, get_request("/ok")).await.status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_timeout_is_a_408() {
+        let router = edge(Arc::default());
+        let response = send(&router, get_request("/slow")).await;
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(error_code(response).await, "request_timeout");
+    }
+
+    #[tokio::test]
+    async fn while_draining_responses_close_their_connection() {
+        let draining = Arc::new(AtomicBool::new(false));
+        let router = edge(draining.clone());
+        draining.store(true, Ordering::Relaxed);
+        let response = send(&router, get_request("/ok")).await;
+        assert_eq!(response.headers()["connection"], "close");
+    }
+
+    #[tokio::test]
+    async fn a_preflight_is_answered_without_reaching_the_route() {
+        let router = edge(Arc::default());
+        let request = Request::options("/boom")
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "GET")
+            .body(Body::empty())
+            .unwrap();
+        let response = send(&router, request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    }
 }
