@@ -19,5 +19,6 @@ pub mod project;
 pub mod prompts;
 pub mod schemas;
 pub mod snapshot;
+pub mod wire_time;
 
 pub use error::{DomainError, ErrorKind};

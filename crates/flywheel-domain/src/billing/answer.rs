@@ -47,8 +47,10 @@ pub struct UsageAnswer {
     /// Units of live grants left.
     pub granted: i64,
     /// Start of the current usage period (`null` for never-resetting totals).
+    #[serde(serialize_with = "crate::wire_time::serialize_option")]
     pub period_start: Option<DateTime<Utc>>,
     /// When usage starts again from zero (`null` when it never does).
+    #[serde(serialize_with = "crate::wire_time::serialize_option")]
     pub resets_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<Preview>,
