@@ -1210,38 +1210,17 @@ fn a_trial_end_is_kept_while_trialing_and_dropped_when_the_trial_is_over() {
     let mut state = org("2027-01-01T00:00:00Z");
     let trial_end = at("2027-01-15T00:00:00Z");
     let sync = |created: &str, status, trial_end| {
-        let StripeChange::Subscription {
-            plan,
-            current_period_start,
-            current_period_end,
-            cancel_at_period_end,
-            cancel_at,
-            deleted,
-            ..
-        } = stripe_subscription(
+        let mut change = stripe_subscription(
             Some("pro"),
             status,
             "2027-01-01T00:00:00Z",
             "2027-01-15T00:00:00Z",
             false,
-        )
-        else {
-            unreachable!()
-        };
-        stripe(
-            created,
-            "sub_1",
-            StripeChange::Subscription {
-                plan,
-                status,
-                current_period_start,
-                current_period_end,
-                cancel_at_period_end,
-                cancel_at,
-                trial_end,
-                deleted,
-            },
-        )
+        );
+        if let StripeChange::Subscription { trial_end: end, .. } = &mut change {
+            *end = trial_end;
+        }
+        stripe(created, "sub_1", change)
     };
     let trial_ends_at = |state: &OrgState| state.subscription.as_ref().unwrap().trial_ends_at;
     let trialing = sync(
