@@ -17,7 +17,7 @@ use axum::http::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
     ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_METHOD, VARY,
 };
-use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, Response};
 
 const ANY_ORIGIN: HeaderValue = HeaderValue::from_static("*");
 const METHODS: HeaderValue = HeaderValue::from_static("GET,POST,DELETE,OPTIONS");
@@ -45,7 +45,6 @@ pub fn is_preflight(request: &Request) -> bool {
 /// Flywheel's clients send, cached for a day.
 pub fn preflight() -> Response<Body> {
     let mut response = Response::new(Body::empty());
-    *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, ANY_ORIGIN);
     headers.insert(ACCESS_CONTROL_ALLOW_METHODS, METHODS);
@@ -65,6 +64,8 @@ pub fn add_headers(headers: &mut HeaderMap) {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
+
     use super::*;
 
     fn request(method: Method, headers: &[(&str, &str)]) -> Request {

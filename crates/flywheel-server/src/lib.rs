@@ -191,7 +191,6 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         Duration::from_millis(settings.snapshot.poll_interval_ms.max(10)),
         background.clone(),
     ));
-    let draining = CancellationToken::new();
     let app = app(state.clone(), &settings);
     // One acceptor: connections that open a stream are served outside
     // hyper (see `stream_connections`), the rest go to `axum::serve`.
@@ -199,7 +198,8 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
     let stream_tasks = tokio_util::task::TaskTracker::new();
     let acceptor = tokio::spawn(stream_connections::accept(
         listener,
-        draining.clone(),
+        // Draining ends the streams and the accepting together.
+        live_closing.clone(),
         to_hyper,
         app.clone(),
         stream_tasks.clone(),
@@ -216,12 +216,11 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
             let token = token.clone();
             async move {
                 token.cancelled().await;
-                draining.cancel();
                 drain_state
                     .draining
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                // Open streams end now: their clients reconnect elsewhere
-                // and resume from Last-Event-ID.
+                // No new connections, and open streams end now: their
+                // clients reconnect elsewhere and resume from Last-Event-ID.
                 live_closing.cancel();
                 tokio::time::sleep(drain).await;
             }

@@ -61,11 +61,12 @@ pub struct Shared {
     pub profiles: Arc<crate::enrichment::ProfileCache>,
     /// This node's open live streams.
     pub live: Arc<crate::live::LiveHub>,
-    /// Cancelled when the server starts draining: live streams end.
+    /// Cancelled when the server starts draining: live streams end and no
+    /// new connection is accepted.
     pub live_closing: tokio_util::sync::CancellationToken,
-    /// Set when the server starts draining: every response then says
-    /// `Connection: close` (read per request, so a flag, not a token whose
-    /// check takes a lock).
+    /// Set at the same moment: every response then says `Connection: close`.
+    /// A flag beside the token because it is read on every request, and the
+    /// token's check takes a lock.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Projects' identity-verification secrets, once read.
     pub identity_secrets: dashmap::DashMap<flywheel_domain::project::ProjectId, Arc<str>>,

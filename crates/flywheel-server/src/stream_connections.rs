@@ -78,57 +78,48 @@ async fn route(
     to_hyper: mpsc::Sender<(TcpStream, SocketAddr)>,
     router: Router,
 ) {
-    match classify(&connection).await {
-        Ok(Classified::Stream { request, head_len }) => {
-            serve(connection, peer, *request, head_len, router).await;
-        }
-        Ok(Classified::Other) => {
-            // Dropped only when the server is draining: the client retries.
+    match stream_request(&connection).await {
+        Some((request, head_len)) => serve(connection, peer, *request, head_len, router).await,
+        // Anything else, including a connection closed or failed before
+        // its head: hyper's, which answers or closes it as it always does.
+        // The send fails only when the server is draining: the client
+        // retries elsewhere.
+        None => {
             let _ = to_hyper.send((connection, peer)).await;
         }
-        Ok(Classified::Closed) | Err(_) => {}
     }
 }
 
-/// What a new connection's first request is.
-#[derive(Debug)]
-enum Classified {
-    /// A `GET` of a stream route, with a head of `head_len` bytes.
-    Stream {
-        request: Box<Request<Body>>,
-        head_len: usize,
-    },
-    /// Anything else (or a head this module does not handle): hyper's.
-    Other,
-    /// The client closed before sending anything.
-    Closed,
-}
-
-/// Peeks at the connection until its first request head is complete, or
-/// it is clearly not a stream request, or [`HEAD_WAIT`] passes.
-async fn classify(connection: &TcpStream) -> io::Result<Classified> {
+/// Peeks at a new connection until its first request head is complete, or
+/// it is clearly not a stream request, or [`HEAD_WAIT`] passes. The stream
+/// request and its head's length, if it is one.
+async fn stream_request(connection: &TcpStream) -> Option<(Box<Request<Body>>, usize)> {
     let deadline = tokio::time::Instant::now() + HEAD_WAIT;
+    // Most connections are told apart by their first bytes: no buffer for
+    // a whole head is allocated for them.
+    let mut first = [0u8; 32];
+    let peeked = tokio::time::timeout_at(deadline, connection.peek(&mut first))
+        .await
+        .ok()?
+        .ok()?;
+    if peeked == 0 || matches!(parse_head(&first[..peeked]), Peeked::Other) {
+        return None;
+    }
     let mut buffer = vec![0u8; MAX_HEAD];
     loop {
-        let Ok(peeked) = tokio::time::timeout_at(deadline, connection.peek(&mut buffer)).await
-        else {
-            return Ok(Classified::Other);
-        };
-        let peeked = peeked?;
-        if peeked == 0 {
-            return Ok(Classified::Closed);
-        }
+        let peeked = tokio::time::timeout_at(deadline, connection.peek(&mut buffer))
+            .await
+            .ok()?
+            .ok()?;
         match parse_head(&buffer[..peeked]) {
-            Peeked::Stream { request, head_len } => {
-                return Ok(Classified::Stream { request, head_len })
-            }
-            Peeked::Other => return Ok(Classified::Other),
-            Peeked::Partial if peeked == buffer.len() => return Ok(Classified::Other),
+            Peeked::Stream { request, head_len } => return Some((request, head_len)),
+            Peeked::Other => return None,
+            Peeked::Partial if peeked == buffer.len() => return None,
             Peeked::Partial => {
                 // A peek returns at once while data waits, so wait for more
                 // by time rather than by readiness.
                 if tokio::time::Instant::now() >= deadline {
-                    return Ok(Classified::Other);
+                    return None;
                 }
                 tokio::time::sleep(PARTIAL_HEAD_RETRY).await;
             }

@@ -25,7 +25,7 @@ use flywheel_domain::keys::KeyKind;
 use flywheel_domain::prompts::{action_event_id, Prompt, PromptAction, PromptRules};
 use flywheel_domain::snapshot::Principal;
 use flywheel_store::growth::{LiveRecord, PromptStats};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
@@ -690,7 +690,6 @@ pub async fn stream(
     }
     let replayed: HashSet<i64> = replay.iter().map(|record| record.seq).collect();
     let first = principal.project.flags.etag().to_string();
-    let closing = state.live_closing.clone();
     let stream = LiveStream {
         first: Some(first),
         replay,
@@ -699,16 +698,12 @@ pub async fn stream(
         flag_changes,
         project,
     };
-    let events = futures_util::stream::unfold(stream, move |mut stream| {
-        let closing = closing.clone();
-        async move {
-            let event = tokio::select! {
-                _ = closing.cancelled() => None,
-                event = stream.next_event() => event,
-            }?;
-            Some((Ok(event), stream))
-        }
-    });
+    let events = futures_util::stream::unfold(stream, |mut stream| async move {
+        let event = stream.next_event().await?;
+        Some((Ok(event), stream))
+    })
+    // Ends at shutdown (drain): the client reconnects elsewhere and resumes.
+    .take_until(state.live_closing.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("ping")))
 }
 
