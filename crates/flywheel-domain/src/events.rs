@@ -80,10 +80,17 @@ pub struct Event {
     pub org_id: Option<String>,
     /// For `alias`: the id being merged into `user_id`.
     pub previous_id: Option<String>,
+    // Timestamps are written by `wire_time` (the same text as chrono's
+    // `Serialize`): chrono's goes through `fmt` for every field, and each
+    // stored event carries four.
     /// Corrected for clock skew, clamped when in the future.
+    #[serde(serialize_with = "crate::wire_time::serialize")]
     pub timestamp: DateTime<Utc>,
+    #[serde(serialize_with = "crate::wire_time::serialize_option")]
     pub original_timestamp: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "crate::wire_time::serialize_option")]
     pub sent_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "crate::wire_time::serialize")]
     pub received_at: DateTime<Utc>,
     pub skew_corrected: bool,
     pub future_clamped: bool,
@@ -524,6 +531,167 @@ pub fn decode_native(
     finish(parts, index, envelope, Source::Native)
 }
 
+/// Decodes one native event from its JSON text. Well-formed events take a
+/// typed path that borrows the top-level strings and builds no map for the
+/// envelope; anything irregular (a wrong type, a duplicate key, a field that
+/// fails validation) is decoded again by [`decode_native`], so every
+/// rejection and every edge case is exactly that function's.
+pub fn decode_native_text(
+    raw: &str,
+    index: usize,
+    envelope: &Envelope<'_>,
+) -> Result<Event, Rejection> {
+    check_size(raw.len(), index, envelope)?;
+    if let Some(decoded) = native_fast(raw, index, envelope) {
+        return decoded;
+    }
+    let value: Value =
+        serde_json::from_str(raw).map_err(|e| reject(index, "invalid_event", e.to_string()))?;
+    decode_native(value, raw.len(), index, envelope)
+}
+
+/// A top-level scalar as sent: text (borrowed when it has no escapes) or a
+/// number. Any other JSON type fails the typed parse.
+enum WireScalar<'a> {
+    Text(std::borrow::Cow<'a, str>),
+    Number(serde_json::Number),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireScalar<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = WireScalar<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+                Ok(WireScalar::Text(text.into()))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(WireScalar::Text(text.to_string().into()))
+            }
+            fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+                Ok(WireScalar::Text(text.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(WireScalar::Number(n.into()))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(WireScalar::Number(n.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+                serde_json::Number::from_f64(n)
+                    .map(WireScalar::Number)
+                    .ok_or_else(|| E::custom("not a finite number"))
+            }
+        }
+        deserializer.deserialize_any(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// The native event's wire shape, for the typed path. Unknown keys are
+/// ignored, as [`decode_native`] ignores them; a duplicate key fails the
+/// parse (serde's derive refuses it), which sends the event to the map path
+/// and its last-one-wins reading.
+#[derive(Deserialize)]
+struct NativeWire<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<WireScalar<'a>>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    event: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    user_id: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    anonymous_id: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    org_id: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    previous_id: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    timestamp: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    sent_at: Option<WireScalar<'a>>,
+    #[serde(borrow, default)]
+    schema_version: Option<WireScalar<'a>>,
+    #[serde(default)]
+    properties: Option<Map<String, Value>>,
+    #[serde(default)]
+    traits: Option<Map<String, Value>>,
+    #[serde(default)]
+    context: Option<Map<String, Value>>,
+    #[serde(default)]
+    consent: Option<Value>,
+}
+
+/// [`id_field`]'s reading of a typed scalar; `None` when irregular.
+fn wire_id(value: Option<WireScalar<'_>>) -> Option<Option<String>> {
+    match value {
+        None => Some(None),
+        Some(WireScalar::Text(text)) if text.trim().is_empty() => Some(None),
+        Some(WireScalar::Text(text)) if text.len() > 512 => None,
+        Some(WireScalar::Text(text)) => Some(Some(text.into_owned())),
+        Some(WireScalar::Number(n)) => Some(Some(n.to_string())),
+    }
+}
+
+/// [`time_field`]'s reading of a typed scalar; `None` when irregular.
+fn wire_time(value: Option<WireScalar<'_>>) -> Option<Option<DateTime<Utc>>> {
+    match value {
+        None => Some(None),
+        Some(WireScalar::Text(text)) => DateTime::parse_from_rfc3339(&text)
+            .ok()
+            .map(|t| Some(t.with_timezone(&Utc))),
+        Some(WireScalar::Number(n)) => n
+            .as_i64()
+            .and_then(DateTime::from_timestamp_millis)
+            .map(Some),
+    }
+}
+
+/// The typed path of [`decode_native_text`]: `None` hands the event to the
+/// map path. Once every field is regular, [`finish`] sees the same parts the
+/// map path would build, so its answer (an event or a rejection) is final.
+fn native_fast(
+    raw: &str,
+    index: usize,
+    envelope: &Envelope<'_>,
+) -> Option<Result<Event, Rejection>> {
+    let wire: NativeWire<'_> = serde_json::from_str(raw).ok()?;
+    let kind = match wire.kind {
+        None => EventType::Track,
+        Some(WireScalar::Text(text)) => EventType::parse(&text)?,
+        Some(WireScalar::Number(_)) => return None,
+    };
+    let event_id = match wire.event_id {
+        None => (Uuid::now_v7(), true),
+        Some(WireScalar::Text(text)) => (Uuid::parse_str(&text).ok()?, false),
+        Some(WireScalar::Number(_)) => return None,
+    };
+    let mut properties = wire.properties.unwrap_or_default();
+    if let Some(consent) = wire.consent {
+        properties.insert("$consent".into(), consent);
+    }
+    let parts = Parts {
+        event_id,
+        kind,
+        event: wire_id(wire.event)?,
+        user_id: wire_id(wire.user_id)?,
+        anonymous_id: wire_id(wire.anonymous_id)?,
+        org_id: wire_id(wire.org_id)?,
+        previous_id: wire_id(wire.previous_id)?,
+        original_timestamp: wire_time(wire.timestamp)?,
+        sent_at: wire_time(wire.sent_at)?,
+        properties,
+        traits: wire.traits.unwrap_or_default(),
+        context: wire.context.unwrap_or_default(),
+        schema_version: wire_id(wire.schema_version)?,
+    };
+    Some(finish(parts, index, envelope, Source::Native))
+}
+
 /// Decodes one Segment message (`/v1/batch` item or a single-call body).
 /// `call` is the type implied by the endpoint (`/v1/track` → track); batch
 /// items carry their own `type`.
@@ -783,6 +951,67 @@ mod tests {
                 }
             ]
         );
+    }
+
+    /// The typed path and the map path agree on every input, accepted or
+    /// rejected; regular events take the typed path.
+    #[test]
+    fn native_text_decoding_matches_the_map_decoder() {
+        let id = "0192f3a4-5b6c-7d8e-9f01-23456789abcd";
+        let regular = [
+            r#"{"type":"track","event":"project_created","user_id":"u1","properties":{"n":3,"nested":{"a":[1,2.5,null]}}}"#.to_string(),
+            format!(r#"{{"event_id":"{id}","type":"identify","user_id":42,"anonymous_id":"a1","traits":{{"plan":"free"}}}}"#),
+            r#"{"event":"caf\u00e9 \"quoted\"","anonymous_id":"an\\on","timestamp":1764000000000,"sent_at":"2026-11-22T12:05:00Z"}"#.to_string(),
+            r#"{"event":"x","user_id":4.5,"org_id":"acme","consent":{"analytics":true},"context":{"ip":"1.2.3.4"},"schema_version":"2"}"#.to_string(),
+            r#"{"type":null,"event":"x","user_id":"u","anonymous_id":"  ","properties":null,"traits":null,"consent":null,"unknown":[{}]}"#.to_string(),
+            r#"{"type":"alias","user_id":"u","previous_id":"old","timestamp":"2026-11-22T11:00:00+02:00"}"#.to_string(),
+            r#"{"type":"track","user_id":"u"}"#.to_string(),
+            r#"{"type":"page","user_id":"u","timestamp":"2099-01-01T00:00:00Z"}"#.to_string(),
+        ];
+        let irregular = [
+            r#"{"event":"x","user_id":"u","user_id":"v"}"#.to_string(),
+            r#"{"event":"x","user_id":true}"#.to_string(),
+            r#"{"event":"x","user_id":"u","type":7}"#.to_string(),
+            r#"{"event":"x","user_id":"u","type":"shout"}"#.to_string(),
+            r#"{"event":"x","user_id":"u","event_id":"not-a-uuid"}"#.to_string(),
+            r#"{"event":"x","user_id":"u","event_id":5}"#.to_string(),
+            r#"{"event":"x","user_id":"u","timestamp":"soon"}"#.to_string(),
+            r#"{"event":"x","user_id":"u","timestamp":1.5}"#.to_string(),
+            r#"{"event":"x","user_id":"u","properties":[1]}"#.to_string(),
+            format!(r#"{{"event":"x","user_id":"{}"}}"#, "u".repeat(513)),
+            "[1]".to_string(),
+            "{\"event\":".to_string(),
+        ];
+        let env = envelope();
+        let by_map = |text: &str| {
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| reject(0, "invalid_event", e.to_string()))
+                .and_then(|value| decode_native(value, text.len(), 0, &env))
+        };
+        // Minted ids differ between two decodes; everything else must not.
+        let comparable = |decoded: Result<Event, Rejection>| {
+            decoded.map(|mut event| {
+                if event.event_id_generated {
+                    event.event_id = Uuid::nil();
+                }
+                event
+            })
+        };
+        for text in regular.iter().chain(&irregular) {
+            assert_eq!(
+                comparable(decode_native_text(text, 0, &env)),
+                comparable(by_map(text)),
+                "{text}"
+            );
+        }
+        for text in &regular {
+            assert!(native_fast(text, 0, &env).is_some(), "typed path: {text}");
+        }
+        for text in &irregular {
+            assert!(native_fast(text, 0, &env).is_none(), "map path: {text}");
+        }
+        let big = decode_native_text(&format!(r#"{{"event":"{}"}}"#, "x".repeat(40_000)), 7, &env);
+        assert_eq!(big.unwrap_err().code, "event_too_large");
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the commit task; it stops after `cancel`, once queued jobs are written.
+    /// Starts the commit loop; it stops after `cancel`, once queued jobs are
+    /// written, and the returned task ends with it.
     pub fn spawn(
         store: Arc<dyn Store>,
         orgs: Arc<OrgCache>,
@@ -68,10 +69,10 @@ impl Committer {
         grace: chrono::Duration,
         max_events: usize,
         cancel: CancellationToken,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> std::io::Result<(Self, tokio::task::JoinHandle<()>)> {
         let (jobs, receiver) = mpsc::channel(4096);
         let committed = Arc::new(Notify::new());
-        let task = tokio::spawn(run(
+        let commit_loop = run(
             store,
             orgs,
             outbox,
@@ -79,8 +80,25 @@ impl Committer {
             max_events.max(1),
             committed.clone(),
             cancel,
-        ));
-        (
+        );
+        // The loop is polled on a thread of its own (on this runtime's
+        // drivers): as a task among the request tasks, each of its store
+        // round trips waited in the workers' queues behind the decoding of
+        // whole batches, and the single committer is the pipeline's critical
+        // path.
+        let runtime = tokio::runtime::Handle::current();
+        let (finished, done) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("flywheel-commit".into())
+            .spawn(move || {
+                runtime.block_on(commit_loop);
+                let _ = finished.send(());
+            });
+        thread?;
+        let task = tokio::spawn(async move {
+            let _ = done.await;
+        });
+        Ok((
             Self {
                 jobs,
                 grace,
@@ -88,7 +106,7 @@ impl Committer {
                 profiles,
             },
             task,
-        )
+        ))
     }
 
     /// Commits one project's events (joining whatever else is waiting) and

@@ -114,7 +114,8 @@ pub async fn start(settings: Settings, clock: SharedClock) -> anyhow::Result<Run
         settings.billing.grace(),
         settings.ingest.group_commit_max_events,
         background.clone(),
-    );
+    )
+    .context("cannot start the event committer")?;
     let (org_writer, org_writer_task) = billing::OrgWriter::spawn(
         store.clone(),
         snapshot.orgs.clone(),

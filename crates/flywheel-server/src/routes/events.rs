@@ -288,9 +288,12 @@ pub async fn native(
     let bytes = read_payload(&state, &headers, body).await?;
     let parsed: NativeBody<'_> = parse_body(&bytes, "{\"batch\": [events…]}")?;
     let env = envelope(&state, time_of(parsed.sent_at.as_ref())?, None);
-    let decoded = decode_each(&parsed.batch, |raw, value, index| {
-        events::decode_native(value, raw.get().len(), index, &env)
-    });
+    let decoded = parsed
+        .batch
+        .iter()
+        .enumerate()
+        .map(|(index, raw)| events::decode_native_text(raw.get(), index, &env))
+        .collect();
     Ok(Json(
         ingest::ingest(&state.committer, &principal.project, decoded).await?,
     ))
