@@ -310,7 +310,14 @@ async fn commit_batch(
     .await?
     .into_iter()
     .collect();
-    let ids: Vec<Uuid> = batch.events.iter().map(|e| e.event.event_id).collect();
+    // Only ids the clients sent are looked up: a UUIDv7 minted by the
+    // decoder for this request cannot be stored already.
+    let ids: Vec<Uuid> = batch
+        .events
+        .iter()
+        .filter(|e| !e.event.event_id_generated)
+        .map(|e| e.event.event_id)
+        .collect();
     let found: Vec<Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM events WHERE project_id = $1 AND event_id = ANY($2)",
     )
@@ -326,7 +333,7 @@ async fn commit_batch(
         let event = &encoded.event;
         if is_suppressed(event, &suppressed) {
             results.push(CommitResult::Suppressed);
-        } else if stored.insert(event.event_id) {
+        } else if event.event_id_generated || stored.insert(event.event_id) {
             next += 1;
             results.push(CommitResult::Accepted { seq: next });
             fresh.push((next, encoded));
