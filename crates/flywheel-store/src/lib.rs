@@ -312,7 +312,7 @@ pub struct EncodedEvent {
 
 impl EncodedEvent {
     pub fn encode(event: Event) -> Result<Self, serde_json::Error> {
-        let body = serde_json::to_string(&event)?;
+        let body = event.to_stored_json()?;
         Ok(Self { event, body })
     }
 }
