@@ -81,23 +81,7 @@ impl Committer {
             committed.clone(),
             cancel,
         );
-        // The loop is polled on a thread of its own (on this runtime's
-        // drivers): as a task among the request tasks, each of its store
-        // round trips waited in the workers' queues behind the decoding of
-        // whole batches, and the single committer is the pipeline's critical
-        // path.
-        let runtime = tokio::runtime::Handle::current();
-        let (finished, done) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("flywheel-commit".into())
-            .spawn(move || {
-                runtime.block_on(commit_loop);
-                let _ = finished.send(());
-            });
-        thread?;
-        let task = tokio::spawn(async move {
-            let _ = done.await;
-        });
+        let task = crate::serial_loop::spawn("flywheel-commit", commit_loop)?;
         Ok((
             Self {
                 jobs,

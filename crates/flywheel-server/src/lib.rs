@@ -30,6 +30,7 @@ pub mod openapi;
 pub mod outbound;
 pub mod projects;
 pub mod routes;
+pub mod serial_loop;
 pub mod settings;
 pub mod shutdown;
 pub mod snapshot;
