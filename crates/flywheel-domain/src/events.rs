@@ -388,11 +388,31 @@ pub fn correct_timestamp(
 /// Parses RFC 3339 text, or epoch milliseconds as a number.
 pub fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
     match value {
-        Value::String(text) => DateTime::parse_from_rfc3339(text)
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
-        Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis),
+        Value::String(text) => time_from_text(text),
+        Value::Number(n) => time_from_millis(n),
         _ => None,
+    }
+}
+
+fn time_from_text(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn time_from_millis(n: &serde_json::Number) -> Option<DateTime<Utc>> {
+    n.as_i64().and_then(DateTime::from_timestamp_millis)
+}
+
+/// Longest id (user, anonymous, org, …) accepted, in bytes.
+const MAX_ID_BYTES: usize = 512;
+
+/// The id rule for text: blank is absent; `Err` when too long.
+fn id_from_text(text: &str) -> Result<Option<&str>, ()> {
+    match text {
+        _ if text.trim().is_empty() => Ok(None),
+        _ if text.len() > MAX_ID_BYTES => Err(()),
+        _ => Ok(Some(text)),
     }
 }
 
@@ -413,13 +433,14 @@ fn id_field(
 ) -> Result<Option<String>, Rejection> {
     match object.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) if s.len() > 512 => Err(reject(
-            index,
-            "invalid_field",
-            format!("{key} is longer than 512 bytes"),
-        )),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => match id_from_text(s) {
+            Ok(id) => Ok(id.map(str::to_string)),
+            Err(()) => Err(reject(
+                index,
+                "invalid_field",
+                format!("{key} is longer than {MAX_ID_BYTES} bytes"),
+            )),
+        },
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(_) => Err(reject(
             index,
@@ -742,9 +763,11 @@ struct NativeWire<'a> {
 fn wire_id(value: Option<WireScalar<'_>>) -> Option<Option<String>> {
     match value {
         None => Some(None),
-        Some(WireScalar::Text(text)) if text.trim().is_empty() => Some(None),
-        Some(WireScalar::Text(text)) if text.len() > 512 => None,
-        Some(WireScalar::Text(text)) => Some(Some(text.into_owned())),
+        Some(WireScalar::Text(text)) => match id_from_text(&text).ok()? {
+            None => Some(None),
+            // The text is kept whole (untrimmed), as `id_field` keeps it.
+            Some(_) => Some(Some(text.into_owned())),
+        },
         Some(WireScalar::Number(n)) => Some(Some(n.to_string())),
     }
 }
@@ -753,13 +776,8 @@ fn wire_id(value: Option<WireScalar<'_>>) -> Option<Option<String>> {
 fn wire_time(value: Option<WireScalar<'_>>) -> Option<Option<DateTime<Utc>>> {
     match value {
         None => Some(None),
-        Some(WireScalar::Text(text)) => DateTime::parse_from_rfc3339(&text)
-            .ok()
-            .map(|t| Some(t.with_timezone(&Utc))),
-        Some(WireScalar::Number(n)) => n
-            .as_i64()
-            .and_then(DateTime::from_timestamp_millis)
-            .map(Some),
+        Some(WireScalar::Text(text)) => time_from_text(&text).map(Some),
+        Some(WireScalar::Number(n)) => time_from_millis(&n).map(Some),
     }
 }
 

@@ -1920,3 +1920,44 @@ async fn g_save_org(
 }
 
 growth_store_impl!(SqliteStore, Sqlite, lock = "", skip_locked = "");
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    /// Committed pages reach the database file without any commit crossing
+    /// the writer's own autocheckpoint: only the background checkpointer
+    /// copies them there (in WAL mode nothing else writes the main file).
+    #[tokio::test]
+    async fn the_checkpointer_copies_committed_pages_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flywheel.db");
+        let store = SqliteStore::open(&path, &StoreOptions::embedded(dir.path()))
+            .await
+            .unwrap();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        // Let the migrations' pages settle first.
+        tokio::time::sleep(CHECKPOINT_INTERVAL * 6).await;
+        let before = size();
+        sqlx::query("CREATE TABLE filler (data BLOB NOT NULL)")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        // ~250 pages: far below WRITER_AUTOCHECKPOINT_PAGES.
+        for _ in 0..250 {
+            sqlx::query("INSERT INTO filler (data) VALUES (zeroblob(4000))")
+                .execute(&store.writer)
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while size() < before + 200 * 4096 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file stayed at {} bytes (from {before})",
+                size()
+            );
+            tokio::time::sleep(CHECKPOINT_INTERVAL).await;
+        }
+    }
+}
