@@ -33,6 +33,7 @@ mod growth_sql;
 pub mod growth;
 pub mod postgres;
 pub mod sqlite;
+pub mod sqlite_memory;
 #[cfg(feature = "testing")]
 pub mod testing;
 

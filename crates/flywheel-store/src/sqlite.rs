@@ -88,6 +88,8 @@ async fn checkpoint_until_dropped(
 
 impl SqliteStore {
     pub async fn open(path: &Path, options: &StoreOptions) -> Result<Self, OpenError> {
+        // Before the first connection of the process, or not at all.
+        crate::sqlite_memory::configure();
         let connect = |source| OpenError::Connect {
             backend: "sqlite",
             target: path.display().to_string(),
