@@ -12,7 +12,10 @@
 //! * [`configure`] runs before SQLite is initialised, or changes nothing:
 //!   `sqlite3_config` refuses (`SQLITE_MISUSE`) once any connection has
 //!   been opened, so memory SQLite allocated earlier is never freed by a
-//!   different allocator.
+//!   different allocator. `SqliteStore::open` calls it first, and every
+//!   SQLite connection of the process is opened there; `sqlite3_config` must
+//!   not race another thread's SQLite call, and the `OnceLock` makes
+//!   concurrent first opens wait for it.
 //! * Every block starts with a header holding its requested size, so
 //!   `xFree`, `xRealloc` and `xSize` can rebuild its `Layout`; blocks are
 //!   aligned to `ALIGN`, more than the 8 bytes SQLite requires.
