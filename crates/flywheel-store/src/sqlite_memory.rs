@@ -20,7 +20,8 @@
 //!   `xFree`, `xRealloc` and `xSize` can rebuild its `Layout`; blocks are
 //!   aligned to `ALIGN`, more than the 8 bytes SQLite requires.
 
-// The one module that may use `unsafe`: SQLite's C configuration API and
+// The one module of the library that may use `unsafe` (its test,
+// tests/sqlite_heap.rs, reads a counter): SQLite's C configuration API and
 // the allocation hooks it calls. Each block says what it relies on.
 #![allow(unsafe_code)]
 
@@ -164,7 +165,9 @@ unsafe extern "C" fn x_size(block: *mut c_void) -> c_int {
 
 unsafe extern "C" fn x_roundup(size: c_int) -> c_int {
     // SQLite asks before allocating; 8-byte multiples keep its arithmetic
-    // on sizes exact. Sizes near c_int::MAX are refused by x_malloc anyway.
+    // on sizes exact. It never asks for 0x7fffff00 bytes or more (its
+    // sqlite3Malloc refuses those first), so saturating only guards against
+    // overflow and never rounds a real request down.
     size.saturating_add(7) & !7
 }
 
@@ -206,7 +209,12 @@ mod tests {
             );
             assert_eq!(x_roundup(13), 16);
             assert_eq!(x_roundup(16), 16);
-            assert_eq!(x_roundup(c_int::MAX), c_int::MAX & !7);
+            assert_eq!(
+                x_roundup(0x7fff_fef9),
+                0x7fff_ff00,
+                "the largest size SQLite asks for"
+            );
+            assert!(x_roundup(c_int::MAX) > 0, "no overflow past SQLite's range");
         }
     }
 }
