@@ -261,19 +261,44 @@ fn has_json_content_type(headers: &axum::http::HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    // Compared without lowercasing a copy: this runs on every JSON request.
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let (kind, subtype) = essence.split_at_checked(12).unwrap_or((essence, ""));
+    kind.eq_ignore_ascii_case("application/")
+        && (subtype.eq_ignore_ascii_case("json")
+            || (subtype.len() >= 5
+                && subtype
+                    .get(subtype.len() - 5..)
+                    .is_some_and(|end| end.eq_ignore_ascii_case("+json"))))
 }
 
+impl<T> std::ops::Deref for ApiJson<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The bytes a JSON answer usually needs: a `check` answer is ~300.
+const JSON_BODY_CAPACITY: usize = 512;
+
+/// A JSON response body, serialised straight into one buffer sized for the
+/// usual answer (axum's `Json` starts at 128 bytes and grows through a
+/// `BytesMut` writer: visible on the `check` path). A value that cannot be
+/// serialised is a 500 `internal` envelope, as with axum's `Json`.
 impl<T: Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
-        axum::Json(self.0).into_response()
+        let mut body = Vec::with_capacity(JSON_BODY_CAPACITY);
+        if let Err(e) = serde_json::to_writer(&mut body, &self.0) {
+            return ApiError::internal(e).into_response();
+        }
+        let mut response = Response::new(axum::body::Body::from(body));
+        response.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        );
+        response
     }
 }
 
@@ -340,5 +365,77 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "invalid_project_name");
         assert_eq!(json["error"]["message"], "too long");
+    }
+
+    fn json_content_type(value: &str) -> bool {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_str(value).unwrap(),
+        );
+        has_json_content_type(&headers)
+    }
+
+    #[test]
+    fn json_content_types_are_matched_without_case_and_parameters() {
+        for accepted in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;charset=UTF-8",
+            "application/merge-patch+json",
+            "application/vnd.api+JSON",
+        ] {
+            assert!(json_content_type(accepted), "{accepted}");
+        }
+        for refused in [
+            "text/json",
+            "application/jsonx",
+            "application/x-www-form-urlencoded",
+            "application",
+            "application/",
+            "json",
+            "",
+            "application/json+xml",
+            "multipart/form-data; boundary=+json",
+        ] {
+            assert!(!json_content_type(refused), "{refused}");
+        }
+        assert!(!has_json_content_type(&axum::http::HeaderMap::new()));
+    }
+
+    #[tokio::test]
+    async fn json_answers_carry_their_content_type_and_any_size_of_body() {
+        let small = ApiJson(serde_json::json!({"allowed": true})).into_response();
+        assert_eq!(small.status(), StatusCode::OK);
+        assert_eq!(small.headers()["content-type"], "application/json");
+        let body = axum::body::to_bytes(small.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], br#"{"allowed":true}"#);
+        // Past the initial capacity the buffer grows; nothing is cut.
+        let long = "x".repeat(3 * JSON_BODY_CAPACITY);
+        let large = ApiJson(serde_json::json!({ "text": long })).into_response();
+        let body = axum::body::to_bytes(large.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json["text"].as_str().map(str::len),
+            Some(3 * JSON_BODY_CAPACITY)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_value_json_cannot_encode_is_an_internal_error() {
+        // A map with non-string keys cannot be a JSON object.
+        let map: std::collections::BTreeMap<(i32, i32), i32> = [((1, 2), 3)].into();
+        let response = ApiJson(map).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "internal");
     }
 }

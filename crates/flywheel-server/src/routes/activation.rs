@@ -5,7 +5,7 @@
 
 use axum::extract::{Path, State};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use flywheel_domain::activation::{ActivationRules, Milestone, Scope};
 use flywheel_domain::growth::model::validate_external_id;
 use serde::Serialize;
@@ -43,7 +43,7 @@ pub struct ActivationRulesView {
 pub async fn get_activation_rules(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<ActivationRulesView>, ApiError> {
+) -> Result<ApiJson<ActivationRulesView>, ApiError> {
     // Version and rules from the same stored row (this node's snapshot may
     // lag another node's write).
     let Some((version, document)) = state
@@ -51,13 +51,13 @@ pub async fn get_activation_rules(
         .activation_rules(auth.principal.project_id())
         .await?
     else {
-        return Ok(Json(ActivationRulesView {
+        return Ok(ApiJson(ActivationRulesView {
             version: 0,
             rules: ActivationRules::default(),
         }));
     };
     let rules = serde_json::from_value(document).map_err(ApiError::internal)?;
-    Ok(Json(ActivationRulesView { version, rules }))
+    Ok(ApiJson(ActivationRulesView { version, rules }))
 }
 
 /// Replaces the activation rules (a new version). Conditions read as the
@@ -77,7 +77,7 @@ pub async fn put_activation_rules(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(rules): ApiJson<ActivationRules>,
-) -> Result<Json<ActivationRulesView>, ApiError> {
+) -> Result<ApiJson<ActivationRulesView>, ApiError> {
     let rules = rules
         .validate()
         .map_err(|problems| ApiError::invalid_document("invalid_activation_rules", &problems))?;
@@ -89,7 +89,7 @@ pub async fn put_activation_rules(
         .put_activation_rules(project, &document, &actor, state.clock.now())
         .await?;
     state.snapshot.reload_project(project).await?;
-    Ok(Json(ActivationRulesView { version, rules }))
+    Ok(ApiJson(ActivationRulesView { version, rules }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -111,7 +111,7 @@ pub async fn user_milestones(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(user_id): Path<String>,
-) -> Result<Json<MilestoneList>, ApiError> {
+) -> Result<ApiJson<MilestoneList>, ApiError> {
     milestones_of(&state, &auth, Scope::User, "user_id", &user_id).await
 }
 
@@ -129,7 +129,7 @@ pub async fn org_milestones(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-) -> Result<Json<MilestoneList>, ApiError> {
+) -> Result<ApiJson<MilestoneList>, ApiError> {
     milestones_of(&state, &auth, Scope::Org, "org_id", &org_id).await
 }
 
@@ -139,11 +139,11 @@ async fn milestones_of(
     scope: Scope,
     what: &'static str,
     id: &str,
-) -> Result<Json<MilestoneList>, ApiError> {
+) -> Result<ApiJson<MilestoneList>, ApiError> {
     validate_external_id(what, id)?;
     let milestones = state
         .store
         .milestones(auth.principal.project_id(), scope, id)
         .await?;
-    Ok(Json(MilestoneList { milestones }))
+    Ok(ApiJson(MilestoneList { milestones }))
 }

@@ -11,7 +11,7 @@ use axum::http::header::ETAG;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Utc};
 use flywheel_domain::billing::answer::{Reply, SubscriptionView, UsageAnswer};
 use flywheel_domain::billing::catalog::{CatalogDocument, PlanFeature};
@@ -120,9 +120,9 @@ pub struct CatalogHistory {
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
-pub async fn get_catalog(auth: SecretKey) -> Json<CatalogView> {
+pub async fn get_catalog(auth: SecretKey) -> ApiJson<CatalogView> {
     let project = &auth.principal.project;
-    Json(CatalogView {
+    ApiJson(CatalogView {
         version: project.catalog_version,
         catalog: serde_json::to_value(&project.catalog.document).expect("a catalog serializes"),
     })
@@ -143,7 +143,7 @@ pub async fn put_catalog(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(document): ApiJson<CatalogDocument>,
-) -> Result<Json<CatalogView>, ApiError> {
+) -> Result<ApiJson<CatalogView>, ApiError> {
     let catalog = Catalog::compile(document)
         .map_err(|problems| ApiError::invalid_document("invalid_catalog", &problems))?;
     let project = auth.principal.project_id();
@@ -158,7 +158,7 @@ pub async fn put_catalog(
         )
         .await?;
     state.snapshot.reload_project(project).await?;
-    Ok(Json(CatalogView {
+    Ok(ApiJson(CatalogView {
         version: written.version,
         catalog: written.document,
     }))
@@ -179,12 +179,12 @@ fn actor(principal: &Principal) -> String {
 pub async fn catalog_versions(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<CatalogHistory>, ApiError> {
+) -> Result<ApiJson<CatalogHistory>, ApiError> {
     let history = state
         .store
         .catalog_history(auth.principal.project_id())
         .await?;
-    Ok(Json(CatalogHistory {
+    Ok(ApiJson(CatalogHistory {
         versions: history
             .into_iter()
             .map(|v| CatalogVersionView {
@@ -245,7 +245,7 @@ pub async fn check(
     State(state): State<AppState>,
     auth: AnyKey,
     ApiJson(request): ApiJson<CheckRequest>,
-) -> Result<Json<UsageAnswer>, ApiError> {
+) -> Result<ApiJson<UsageAnswer>, ApiError> {
     valid_org_id(&request.org_id)?;
     if request.required < 0 {
         return Err(ApiError::new(
@@ -272,10 +272,10 @@ pub async fn check(
         .orgs
         .with(project.project.id, &request.org_id, answer)
     {
-        return Ok(Json(hit));
+        return Ok(ApiJson(hit));
     }
     let org = org_state(&state, project.project.id, &request.org_id).await?;
-    Ok(Json(answer(&org)))
+    Ok(ApiJson(answer(&org)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -334,9 +334,9 @@ pub(crate) async fn execute_as(
     }
 }
 
-fn usage_reply(reply: Reply) -> Result<Json<UsageAnswer>, ApiError> {
+fn usage_reply(reply: Reply) -> Result<ApiJson<UsageAnswer>, ApiError> {
     match reply {
-        Reply::Usage(answer) => Ok(Json(answer)),
+        Reply::Usage(answer) => Ok(ApiJson(answer)),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
 }
@@ -360,7 +360,7 @@ pub async fn consume(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(request): ApiJson<UsageRequest>,
-) -> Result<Json<UsageAnswer>, ApiError> {
+) -> Result<ApiJson<UsageAnswer>, ApiError> {
     usage_command(&state, &auth.principal, request, |feature, amount| {
         OrgCommand::Consume { feature, amount }
     })
@@ -384,7 +384,7 @@ pub async fn release(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(request): ApiJson<UsageRequest>,
-) -> Result<Json<UsageAnswer>, ApiError> {
+) -> Result<ApiJson<UsageAnswer>, ApiError> {
     usage_command(&state, &auth.principal, request, |feature, amount| {
         OrgCommand::Release { feature, amount }
     })
@@ -397,7 +397,7 @@ async fn usage_command(
     principal: &Principal,
     request: UsageRequest,
     command: impl FnOnce(String, i64) -> OrgCommand,
-) -> Result<Json<UsageAnswer>, ApiError> {
+) -> Result<ApiJson<UsageAnswer>, ApiError> {
     valid_org_id(&request.org_id)?;
     valid_amount(request.amount)?;
     valid_idempotency_key(&request.idempotency_key)?;
@@ -513,11 +513,11 @@ pub async fn get_subscription(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-) -> Result<Json<SubscriptionView>, ApiError> {
+) -> Result<ApiJson<SubscriptionView>, ApiError> {
     valid_org_id(&org_id)?;
     let project = &auth.principal.project;
     let org = org_state(&state, project.project.id, &org_id).await?;
-    Ok(Json(org.subscription_view(
+    Ok(ApiJson(org.subscription_view(
         &project.catalog,
         state.billing.grace(),
         state.clock.now(),
@@ -535,9 +535,9 @@ pub struct PlanChangeRequest {
     timing: Option<Timing>,
 }
 
-fn subscription_reply(reply: Reply) -> Result<Json<SubscriptionView>, ApiError> {
+fn subscription_reply(reply: Reply) -> Result<ApiJson<SubscriptionView>, ApiError> {
     match reply {
-        Reply::Subscription(view) => Ok(Json(view)),
+        Reply::Subscription(view) => Ok(ApiJson(view)),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
 }
@@ -561,7 +561,7 @@ pub async fn change_subscription(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiJson(request): ApiJson<PlanChangeRequest>,
-) -> Result<Json<SubscriptionView>, ApiError> {
+) -> Result<ApiJson<SubscriptionView>, ApiError> {
     valid_org_id(&org_id)?;
     let command = OrgCommand::ChangePlan {
         plan: request.plan,
@@ -592,7 +592,7 @@ pub async fn cancel_subscription(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiQuery(query): ApiQuery<CancelQuery>,
-) -> Result<Json<SubscriptionView>, ApiError> {
+) -> Result<ApiJson<SubscriptionView>, ApiError> {
     valid_org_id(&org_id)?;
     let command = OrgCommand::Cancel {
         timing: query.timing.unwrap_or(Timing::PeriodEnd),
@@ -624,7 +624,7 @@ pub async fn set_status(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiJson(request): ApiJson<StatusRequest>,
-) -> Result<Json<SubscriptionView>, ApiError> {
+) -> Result<ApiJson<SubscriptionView>, ApiError> {
     valid_org_id(&org_id)?;
     let command = OrgCommand::SetStatus {
         status: request.status,
@@ -671,7 +671,7 @@ pub async fn add_grant(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiJson(request): ApiJson<GrantRequest>,
-) -> Result<(StatusCode, Json<UsageGrant>), ApiError> {
+) -> Result<(StatusCode, ApiJson<UsageGrant>), ApiError> {
     valid_org_id(&org_id)?;
     valid_amount(request.amount)?;
     if let Some(key) = &request.idempotency_key {
@@ -701,7 +701,7 @@ pub async fn add_grant(
     )
     .await?
     {
-        Reply::Grant(grant) => Ok((StatusCode::CREATED, Json(grant))),
+        Reply::Grant(grant) => Ok((StatusCode::CREATED, ApiJson(grant))),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
 }
@@ -719,10 +719,10 @@ pub async fn list_grants(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-) -> Result<Json<GrantList>, ApiError> {
+) -> Result<ApiJson<GrantList>, ApiError> {
     valid_org_id(&org_id)?;
     let org = org_state(&state, auth.principal.project_id(), &org_id).await?;
-    Ok(Json(GrantList {
+    Ok(ApiJson(GrantList {
         grants: org.grants.clone(),
     }))
 }

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use flywheel_domain::events::{self, Envelope, Event, EventType, Rejection};
@@ -28,6 +28,7 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::SecretKey;
+use crate::error::ApiJson;
 use crate::error::{ApiError, ApiQuery, ErrorEnvelope};
 use crate::ingest::{self, IngestOutcome};
 use crate::state::AppState;
@@ -283,7 +284,7 @@ pub async fn native(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<IngestOutcome>, ApiError> {
+) -> Result<ApiJson<IngestOutcome>, ApiError> {
     let principal = authorize(&state, bearer(&headers).as_deref())?;
     let bytes = read_payload(&state, &headers, body).await?;
     let parsed: NativeBody<'_> = parse_body(&bytes, "{\"batch\": [events…]}")?;
@@ -294,7 +295,7 @@ pub async fn native(
         .enumerate()
         .map(|(index, raw)| events::decode_native_text(raw.get(), index, &env))
         .collect();
-    Ok(Json(
+    Ok(ApiJson(
         ingest::ingest(&state.committer, &principal.project, decoded).await?,
     ))
 }
@@ -367,7 +368,7 @@ pub async fn segment_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<SegmentAnswer>, ApiError> {
+) -> Result<ApiJson<SegmentAnswer>, ApiError> {
     let bytes = read_payload(&state, &headers, body).await?;
     let parsed: SegmentBatchBody<'_> = parse_body(&bytes, "{\"batch\": [messages…]}")?;
     let key = basic_user(&headers)
@@ -383,7 +384,7 @@ pub async fn segment_batch(
         events::decode_segment(value, raw.get().len(), index, None, &env)
     });
     let outcome = ingest::ingest(&state.committer, &principal.project, decoded).await?;
-    Ok(Json(SegmentAnswer {
+    Ok(ApiJson(SegmentAnswer {
         success: true,
         outcome,
     }))
@@ -405,7 +406,7 @@ pub async fn segment_single(
     kind: EventType,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<SegmentAnswer>, ApiError> {
+) -> Result<ApiJson<SegmentAnswer>, ApiError> {
     let bytes = read_payload(&state, &headers, body).await?;
     let value: Value = parse_body(&bytes, "a JSON document")?;
     let key = basic_user(&headers)
@@ -423,7 +424,7 @@ pub async fn segment_single(
             ApiError::new(StatusCode::BAD_REQUEST, rejection.code, rejection.message)
         })?;
     let outcome = ingest::ingest(&state.committer, &principal.project, vec![Ok(event)]).await?;
-    Ok(Json(SegmentAnswer {
+    Ok(ApiJson(SegmentAnswer {
         success: true,
         outcome,
     }))
@@ -451,7 +452,7 @@ pub async fn posthog(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<PosthogAnswer>, ApiError> {
+) -> Result<ApiJson<PosthogAnswer>, ApiError> {
     let bytes = read_payload(&state, &headers, body).await?;
     let value: Value = parse_body(&bytes, "a JSON document")?;
     let key_of = |v: &Value| {
@@ -514,7 +515,7 @@ pub async fn posthog(
         events::decode_posthog(value, raw.get().len(), index, &env)
     });
     let outcome = ingest::ingest(&state.committer, &principal.project, decoded).await?;
-    Ok(Json(PosthogAnswer { status: 1, outcome }))
+    Ok(ApiJson(PosthogAnswer { status: 1, outcome }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -587,7 +588,7 @@ pub async fn list_events(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiQuery(params): ApiQuery<ListEventsParams>,
-) -> Result<Json<EventList>, ApiError> {
+) -> Result<ApiJson<EventList>, ApiError> {
     let project = auth.principal.project_id();
     let distinct_ids = match &params.user_id {
         Some(user) => {
@@ -604,7 +605,7 @@ pub async fn list_events(
         limit: super::page_limit(params.limit)?,
     };
     let stored = state.store.list_events(project, &query).await?;
-    Ok(Json(EventList {
+    Ok(ApiJson(EventList {
         events: views(&state, project, stored).await?,
     }))
 }

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Utc};
 use flywheel_domain::flags::{
     CurrentFlagEntry, FlagAction, FlagChange, FlagEntryKind, FlagVersion,
@@ -176,7 +176,7 @@ fn view_after_write(
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
-pub async fn list_flags(auth: SecretKey) -> Json<FlagList> {
+pub async fn list_flags(auth: SecretKey) -> ApiJson<FlagList> {
     let flags = auth
         .principal
         .project
@@ -185,7 +185,7 @@ pub async fn list_flags(auth: SecretKey) -> Json<FlagList> {
         .filter(|entry| entry.kind == FlagEntryKind::Flag)
         .map(FlagView::from)
         .collect();
-    Json(FlagList { flags })
+    ApiJson(FlagList { flags })
 }
 
 /// Creates a flag: a flagd flag object with a `key`, or the simple form
@@ -204,7 +204,7 @@ pub async fn create_flag(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<Value>,
-) -> Result<(StatusCode, Json<FlagView>), ApiError> {
+) -> Result<(StatusCode, ApiJson<FlagView>), ApiError> {
     let Some(key) = body.get("key").and_then(Value::as_str).map(str::to_owned) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -229,7 +229,7 @@ pub async fn create_flag(
     write_and_reload(&state, &auth.principal, &[change]).await?;
     Ok((
         StatusCode::CREATED,
-        Json(view_after_write(&state, &auth.principal, &key)?),
+        ApiJson(view_after_write(&state, &auth.principal, &key)?),
     ))
 }
 
@@ -246,9 +246,9 @@ pub async fn create_flag(
 pub async fn get_flag(
     auth: SecretKey,
     Path(key): Path<String>,
-) -> Result<Json<FlagView>, ApiError> {
+) -> Result<ApiJson<FlagView>, ApiError> {
     flag_view(&auth.principal.project, &key)
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(|| flag_not_found(&key))
 }
 
@@ -270,7 +270,7 @@ pub async fn put_flag(
     auth: SecretKey,
     Path(key): Path<String>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<(StatusCode, Json<FlagView>), ApiError> {
+) -> Result<(StatusCode, ApiJson<FlagView>), ApiError> {
     let existed = flag_view(&auth.principal.project, &key).is_some();
     let definition = checked_definition(&auth.principal, &key, &body)?;
     let change = FlagChange {
@@ -287,7 +287,7 @@ pub async fn put_flag(
     };
     Ok((
         status,
-        Json(view_after_write(&state, &auth.principal, &key)?),
+        ApiJson(view_after_write(&state, &auth.principal, &key)?),
     ))
 }
 
@@ -357,7 +357,7 @@ pub async fn flag_versions(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(key): Path<String>,
-) -> Result<Json<VersionList>, ApiError> {
+) -> Result<ApiJson<VersionList>, ApiError> {
     let history = state
         .store
         .flag_history(auth.principal.project_id(), FlagEntryKind::Flag, &key)
@@ -381,7 +381,7 @@ pub async fn flag_versions(
             }
         })
         .collect();
-    Ok(Json(VersionList { key, versions }))
+    Ok(ApiJson(VersionList { key, versions }))
 }
 
 /// Makes an old version current again, as a new version (history is never
@@ -432,7 +432,7 @@ pub async fn restore_flag(
     if deleted {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok(Json(view_after_write(&state, &auth.principal, &key)?).into_response())
+    Ok(ApiJson(view_after_write(&state, &auth.principal, &key)?).into_response())
 }
 
 /// The whole flag set as one flagd document (flags as a map).
@@ -443,8 +443,8 @@ pub async fn restore_flag(
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
-pub async fn export_document(auth: SecretKey) -> Json<Value> {
-    Json(auth.principal.project.flags.document().to_json())
+pub async fn export_document(auth: SecretKey) -> ApiJson<Value> {
+    ApiJson(auth.principal.project.flags.document().to_json())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -482,7 +482,7 @@ pub async fn import_document(
     auth: SecretKey,
     ApiQuery(query): ApiQuery<ImportQuery>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<ImportSummary>, ApiError> {
+) -> Result<ApiJson<ImportSummary>, ApiError> {
     let replace = match query.mode.as_deref() {
         None | Some("replace") => true,
         Some("merge") => false,
@@ -579,7 +579,7 @@ pub async fn import_document(
         }
     }
     summary.unchanged = considered - summary.created.len() - summary.updated.len();
-    Ok(Json(summary))
+    Ok(ApiJson(summary))
 }
 
 /// True when `If-None-Match` names `etag` (or `*`); weak tags compare by value.
@@ -611,7 +611,7 @@ pub async fn snapshot(auth: AnyKey, headers: HeaderMap) -> Response {
     if etag_matches(&headers, flags.etag()) {
         return (StatusCode::NOT_MODIFIED, [(ETAG, etag)]).into_response();
     }
-    ([(ETAG, etag)], Json(flags.document().to_json())).into_response()
+    ([(ETAG, etag)], ApiJson(flags.document().to_json())).into_response()
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Duration, Utc};
 use flywheel_domain::billing::org::OrgState;
 use flywheel_domain::growth::email::{identity_of_email, mask_email, normalize_email};
@@ -232,7 +232,7 @@ pub async fn signup(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<SignupBody>,
-) -> Result<Json<SignupReply>, ApiError> {
+) -> Result<ApiJson<SignupReply>, ApiError> {
     if body.idempotency_key.is_empty() || body.idempotency_key.len() > 255 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -326,7 +326,7 @@ pub async fn signup(
                 let commit = outcome??;
                 after_commit(&state, project, commit.orgs);
                 state.profiles.forget(project, &commit.reply.user.user_id);
-                return Ok(Json(commit.reply));
+                return Ok(ApiJson(commit.reply));
             }
         }
     }
@@ -352,7 +352,7 @@ pub async fn get_user(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(user_id): Path<String>,
-) -> Result<Json<UserView>, ApiError> {
+) -> Result<ApiJson<UserView>, ApiError> {
     let project = auth.principal.project_id();
     let user = state
         .store
@@ -362,7 +362,7 @@ pub async fn get_user(
             ApiError::not_found("user_not_found", "no user with this user_id has signed up")
         })?;
     let memberships = state.store.memberships_of_user(project, &user_id).await?;
-    Ok(Json(UserView { user, memberships }))
+    Ok(ApiJson(UserView { user, memberships }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -388,12 +388,12 @@ pub async fn update_user(
     auth: SecretKey,
     Path(user_id): Path<String>,
     ApiJson(body): ApiJson<UpdateUserBody>,
-) -> Result<Json<UserRecord>, ApiError> {
+) -> Result<ApiJson<UserRecord>, ApiError> {
     state
         .store
         .set_email_verified(auth.principal.project_id(), &user_id, body.email_verified)
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(|| {
             ApiError::not_found("user_not_found", "no user with this user_id has signed up")
         })
@@ -416,12 +416,12 @@ pub async fn org_members(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-) -> Result<Json<MembersView>, ApiError> {
+) -> Result<ApiJson<MembersView>, ApiError> {
     let (org, members) = state
         .store
         .org_members(auth.principal.project_id(), &org_id)
         .await?;
-    Ok(Json(MembersView { org, members }))
+    Ok(ApiJson(MembersView { org, members }))
 }
 
 /// Removes a member from an org and gives back their seat (a
@@ -440,7 +440,7 @@ pub async fn remove_member(
     State(state): State<AppState>,
     auth: SecretKey,
     Path((org_id, user_id)): Path<(String, String)>,
-) -> Result<Json<MembershipRecord>, ApiError> {
+) -> Result<ApiJson<MembershipRecord>, ApiError> {
     external_id("org_id", &org_id)?;
     external_id("user_id", &user_id)?;
     let project = auth.principal.project_id();
@@ -456,7 +456,7 @@ pub async fn remove_member(
         .await??;
     after_commit(&state, project, commit.orgs);
     state.profiles.forget(project, &user_id);
-    commit.reply.map(Json).ok_or_else(|| {
+    commit.reply.map(ApiJson).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "membership_not_found",
@@ -556,7 +556,7 @@ pub async fn create_invitations(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiJson(body): ApiJson<CreateInvitationsBody>,
-) -> Result<(StatusCode, Json<InvitationsCreated>), ApiError> {
+) -> Result<(StatusCode, ApiJson<InvitationsCreated>), ApiError> {
     external_id("org_id", &org_id)?;
     external_id("user_id", &body.inviter_user_id)?;
     validate_role(&body.role)?;
@@ -670,7 +670,7 @@ pub async fn create_invitations(
         .collect();
     Ok((
         StatusCode::CREATED,
-        Json(InvitationsCreated { invitations: views }),
+        ApiJson(InvitationsCreated { invitations: views }),
     ))
 }
 
@@ -700,7 +700,7 @@ pub async fn list_invitations(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiQuery(filter): ApiQuery<InvitationFilter>,
-) -> Result<Json<InvitationList>, ApiError> {
+) -> Result<ApiJson<InvitationList>, ApiError> {
     let status = match filter.status.as_deref() {
         Some(text) => Some(InvitationStatus::parse(text).ok_or_else(|| {
             ApiError::new(
@@ -719,7 +719,7 @@ pub async fn list_invitations(
     for invitation in &mut invitations {
         invitation.status = invitation.status_at(now);
     }
-    Ok(Json(InvitationList { invitations }))
+    Ok(ApiJson(InvitationList { invitations }))
 }
 
 /// Revokes a pending (or expired) invitation: its token stops working.
@@ -736,13 +736,13 @@ pub async fn revoke_invitation(
     State(state): State<AppState>,
     auth: SecretKey,
     Path((org_id, id)): Path<(String, String)>,
-) -> Result<Json<Invitation>, ApiError> {
+) -> Result<ApiJson<Invitation>, ApiError> {
     let invitation = state
         .store
         .revoke_invitation(auth.principal.project_id(), &org_id, &id, state.clock.now())
         .await??;
     state.outbox_signal.wake();
-    Ok(Json(invitation))
+    Ok(ApiJson(invitation))
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -779,7 +779,7 @@ pub async fn resend_invitation(
     auth: SecretKey,
     Path((org_id, id)): Path<(String, String)>,
     body: axum::body::Bytes,
-) -> Result<Json<InvitationResent>, ApiError> {
+) -> Result<ApiJson<InvitationResent>, ApiError> {
     // The body is optional: empty means the defaults.
     let body: ResendBody = if body.iter().all(u8::is_ascii_whitespace) {
         ResendBody { send_email: true }
@@ -840,7 +840,7 @@ pub async fn resend_invitation(
         })
         .await??;
     state.outbox_signal.wake();
-    Ok(Json(InvitationResent {
+    Ok(ApiJson(InvitationResent {
         invitation,
         token: token.plaintext,
         accept_url,
@@ -883,7 +883,7 @@ pub async fn lookup_invitation(
     State(state): State<AppState>,
     auth: AnyKey,
     ApiJson(body): ApiJson<TokenBody>,
-) -> Result<Json<InvitationPreview>, ApiError> {
+) -> Result<ApiJson<InvitationPreview>, ApiError> {
     let hash = token_hash(&state, TokenKind::Invitation, &body.token)
         .ok_or_else(|| ApiError::from(Invitation::not_found()))?;
     let lookup = state
@@ -893,7 +893,7 @@ pub async fn lookup_invitation(
         .filter(|lookup| lookup.invitation.is_open(state.clock.now()))
         .ok_or_else(|| ApiError::from(Invitation::not_found()))?;
     let invitation = lookup.invitation;
-    Ok(Json(InvitationPreview {
+    Ok(ApiJson(InvitationPreview {
         invitation_id: invitation.id,
         org_id: invitation.org_id,
         org_name: lookup.org_name,
@@ -929,7 +929,7 @@ pub async fn accept_invitation(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<JoinBody>,
-) -> Result<Json<MembershipRecord>, ApiError> {
+) -> Result<ApiJson<MembershipRecord>, ApiError> {
     let hash = token_hash(&state, TokenKind::Invitation, &body.token)
         .ok_or_else(|| ApiError::from(Invitation::not_found()))?;
     let project = auth.principal.project_id();
@@ -945,7 +945,7 @@ pub async fn accept_invitation(
         .await??;
     after_commit(&state, project, commit.orgs);
     state.profiles.forget(project, &commit.reply.user_id);
-    Ok(Json(commit.reply))
+    Ok(ApiJson(commit.reply))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -967,7 +967,7 @@ pub async fn decline_invitation(
     State(state): State<AppState>,
     auth: AnyKey,
     ApiJson(body): ApiJson<TokenBody>,
-) -> Result<Json<Declined>, ApiError> {
+) -> Result<ApiJson<Declined>, ApiError> {
     let hash = token_hash(&state, TokenKind::Invitation, &body.token)
         .ok_or_else(|| ApiError::from(Invitation::not_found()))?;
     let invitation = state
@@ -975,7 +975,7 @@ pub async fn decline_invitation(
         .decline_invitation(auth.principal.project_id(), &hash, state.clock.now())
         .await??;
     state.outbox_signal.wake();
-    Ok(Json(Declined {
+    Ok(ApiJson(Declined {
         invitation_id: invitation.id,
         status: invitation.status,
     }))
@@ -1020,7 +1020,7 @@ pub async fn create_invite_link(
     auth: SecretKey,
     Path(org_id): Path<String>,
     ApiJson(body): ApiJson<CreateInviteLinkBody>,
-) -> Result<(StatusCode, Json<InviteLinkCreated>), ApiError> {
+) -> Result<(StatusCode, ApiJson<InviteLinkCreated>), ApiError> {
     external_id("org_id", &org_id)?;
     validate_role(&body.role)?;
     let now = state.clock.now();
@@ -1074,7 +1074,7 @@ pub async fn create_invite_link(
     state.outbox_signal.wake();
     Ok((
         StatusCode::CREATED,
-        Json(InviteLinkCreated {
+        ApiJson(InviteLinkCreated {
             join_url: url_with_token(&state.growth.accept_url, &token.plaintext),
             link,
             token: token.plaintext,
@@ -1105,13 +1105,13 @@ pub async fn list_invite_links(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(org_id): Path<String>,
-) -> Result<Json<InviteLinkList>, ApiError> {
+) -> Result<ApiJson<InviteLinkList>, ApiError> {
     let now = state.clock.now();
     let links = state
         .store
         .list_invite_links(auth.principal.project_id(), &org_id)
         .await?;
-    Ok(Json(InviteLinkList {
+    Ok(ApiJson(InviteLinkList {
         links: links
             .into_iter()
             .map(|link| InviteLinkView {
@@ -1135,7 +1135,7 @@ pub async fn revoke_invite_link(
     State(state): State<AppState>,
     auth: SecretKey,
     Path((org_id, id)): Path<(String, String)>,
-) -> Result<Json<InviteLinkView>, ApiError> {
+) -> Result<ApiJson<InviteLinkView>, ApiError> {
     let now = state.clock.now();
     let link = state
         .store
@@ -1144,7 +1144,7 @@ pub async fn revoke_invite_link(
         .ok_or_else(|| {
             ApiError::not_found("invite_link_not_found", "no such invite link in this org")
         })?;
-    Ok(Json(InviteLinkView {
+    Ok(ApiJson(InviteLinkView {
         status: link.status_at(now),
         link,
     }))
@@ -1173,7 +1173,7 @@ pub async fn lookup_invite_link(
     State(state): State<AppState>,
     auth: AnyKey,
     ApiJson(body): ApiJson<TokenBody>,
-) -> Result<Json<InviteLinkPreview>, ApiError> {
+) -> Result<ApiJson<InviteLinkPreview>, ApiError> {
     let hash = token_hash(&state, TokenKind::InviteLink, &body.token)
         .ok_or_else(|| ApiError::from(InviteLink::not_found()))?;
     let now = state.clock.now();
@@ -1183,7 +1183,7 @@ pub async fn lookup_invite_link(
         .await?
         .filter(|(link, _)| link.status_at(now) == "active")
         .ok_or_else(|| ApiError::from(InviteLink::not_found()))?;
-    Ok(Json(InviteLinkPreview {
+    Ok(ApiJson(InviteLinkPreview {
         org_id: link.org_id,
         org_name,
         role: link.role,
@@ -1205,7 +1205,7 @@ pub async fn join_invite_link(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<JoinBody>,
-) -> Result<Json<MembershipRecord>, ApiError> {
+) -> Result<ApiJson<MembershipRecord>, ApiError> {
     let hash = token_hash(&state, TokenKind::InviteLink, &body.token)
         .ok_or_else(|| ApiError::from(InviteLink::not_found()))?;
     let project = auth.principal.project_id();
@@ -1221,7 +1221,7 @@ pub async fn join_invite_link(
         .await??;
     after_commit(&state, project, commit.orgs);
     state.profiles.forget(project, &commit.reply.user_id);
-    Ok(Json(commit.reply))
+    Ok(ApiJson(commit.reply))
 }
 
 // ---- share links -----------------------------------------------------------
@@ -1312,7 +1312,7 @@ pub async fn create_share_link(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<CreateShareLinkBody>,
-) -> Result<(StatusCode, Json<ShareLinkCreated>), ApiError> {
+) -> Result<(StatusCode, ApiJson<ShareLinkCreated>), ApiError> {
     external_id("resource_type", &body.resource_type)?;
     external_id("resource_id", &body.resource_id)?;
     if let Some(org) = &body.org_id {
@@ -1395,7 +1395,7 @@ pub async fn create_share_link(
     state.outbox_signal.wake();
     Ok((
         StatusCode::CREATED,
-        Json(ShareLinkCreated {
+        ApiJson(ShareLinkCreated {
             link,
             token: token.plaintext,
             share_url,
@@ -1427,7 +1427,7 @@ pub async fn list_share_links(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiQuery(query): ApiQuery<ShareLinkQuery>,
-) -> Result<Json<ShareLinkList>, ApiError> {
+) -> Result<ApiJson<ShareLinkList>, ApiError> {
     let links = state
         .store
         .list_share_links(
@@ -1439,7 +1439,7 @@ pub async fn list_share_links(
             },
         )
         .await?;
-    Ok(Json(ShareLinkList { links }))
+    Ok(ApiJson(ShareLinkList { links }))
 }
 
 /// One share link with its access counts.
@@ -1455,12 +1455,12 @@ pub async fn get_share_link(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(id): Path<String>,
-) -> Result<Json<ShareLink>, ApiError> {
+) -> Result<ApiJson<ShareLink>, ApiError> {
     state
         .store
         .get_share_link(auth.principal.project_id(), &id)
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(|| ApiError::not_found("share_link_not_found", "no such share link"))
 }
 
@@ -1511,7 +1511,7 @@ pub async fn update_share_link(
     auth: SecretKey,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<UpdateShareLinkBody>,
-) -> Result<Json<ShareLink>, ApiError> {
+) -> Result<ApiJson<ShareLink>, ApiError> {
     let project = auth.principal.project_id();
     let current = state
         .store
@@ -1547,7 +1547,7 @@ pub async fn update_share_link(
             },
         )
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(|| ApiError::not_found("share_link_not_found", "no such share link"))
 }
 
@@ -1564,12 +1564,12 @@ pub async fn revoke_share_link(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(id): Path<String>,
-) -> Result<Json<ShareLink>, ApiError> {
+) -> Result<ApiJson<ShareLink>, ApiError> {
     state
         .store
         .revoke_share_link(auth.principal.project_id(), &id, state.clock.now())
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(|| ApiError::not_found("share_link_not_found", "no such share link"))
 }
 
@@ -1700,7 +1700,7 @@ pub async fn resolve_share_link(
         issued_at: now.timestamp(),
         expires_at: expires_at.timestamp(),
     };
-    Ok(Json(Resolved {
+    Ok(ApiJson(Resolved {
         guest_token: sign_guest_token(&state.growth_keys.guest_key, &claims),
         expires_at,
         guest_id,
@@ -1730,7 +1730,7 @@ pub async fn verify_guest(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<VerifyGuestBody>,
-) -> Result<Json<GuestClaims>, ApiError> {
+) -> Result<ApiJson<GuestClaims>, ApiError> {
     let claims = verify_guest_token(
         &state.growth_keys.guest_key,
         &body.guest_token,
@@ -1743,7 +1743,7 @@ pub async fn verify_guest(
             "the guest token belongs to another project",
         ));
     }
-    Ok(Json(claims))
+    Ok(ApiJson(claims))
 }
 
 // ---- referrals -------------------------------------------------------------
@@ -1767,7 +1767,7 @@ pub async fn referral_code(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(user_id): Path<String>,
-) -> Result<Json<ReferralCodeView>, ApiError> {
+) -> Result<ApiJson<ReferralCodeView>, ApiError> {
     let project = auth.principal.project_id();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
     for _ in 0..4 {
@@ -1776,7 +1776,7 @@ pub async fn referral_code(
             .referral_code(project, &user_id, &generate_referral_code(&mut rng))
             .await
         {
-            Ok(Some(code)) => return Ok(Json(ReferralCodeView { user_id, code })),
+            Ok(Some(code)) => return Ok(ApiJson(ReferralCodeView { user_id, code })),
             Ok(None) => {
                 return Err(ApiError::not_found(
                     "user_not_found",
@@ -1824,7 +1824,7 @@ pub async fn referral_click(
     State(state): State<AppState>,
     auth: AnyKey,
     ApiJson(body): ApiJson<ClickBody>,
-) -> Result<(StatusCode, Json<ClickRecorded>), ApiError> {
+) -> Result<(StatusCode, ApiJson<ClickRecorded>), ApiError> {
     optional_text("anonymous_id", &body.anonymous_id, 200)?;
     let not_found =
         || ApiError::not_found("referral_code_not_found", "no user has this referral code");
@@ -1844,7 +1844,7 @@ pub async fn referral_click(
         .ok_or_else(not_found)?;
     Ok((
         StatusCode::CREATED,
-        Json(ClickRecorded {
+        ApiJson(ClickRecorded {
             click_id,
             attributable_until: now + Duration::days(state.growth.referral_window_days),
         }),
@@ -1885,7 +1885,7 @@ pub async fn referral_events(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiQuery(params): ApiQuery<ReferralEventParams>,
-) -> Result<Json<ReferralEventList>, ApiError> {
+) -> Result<ApiJson<ReferralEventList>, ApiError> {
     let limit = crate::routes::page_limit(params.limit)?;
     let kind = match params.kind.as_deref() {
         Some(text) => Some(ReferralEventKind::parse(text).ok_or_else(|| {
@@ -1913,7 +1913,7 @@ pub async fn referral_events(
     let next_after_id = (events.len() == limit as usize)
         .then(|| events.last().map(|e| e.id))
         .flatten();
-    Ok(Json(ReferralEventList {
+    Ok(ApiJson(ReferralEventList {
         events,
         next_after_id,
     }))
@@ -1937,13 +1937,13 @@ pub struct OrgTemplateView {
 pub async fn get_org_template(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<OrgTemplateView>, ApiError> {
+) -> Result<ApiJson<OrgTemplateView>, ApiError> {
     let (version, template) = state
         .store
         .org_template(auth.principal.project_id())
         .await?
         .unwrap_or((0, serde_json::json!({})));
-    Ok(Json(OrgTemplateView { version, template }))
+    Ok(ApiJson(OrgTemplateView { version, template }))
 }
 
 /// Replaces the org template (a JSON object, at most 256 KiB); each write
@@ -1960,7 +1960,7 @@ pub async fn put_org_template(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(template): ApiJson<serde_json::Value>,
-) -> Result<Json<OrgTemplateView>, ApiError> {
+) -> Result<ApiJson<OrgTemplateView>, ApiError> {
     if !template.is_object() || template.to_string().len() > 256 * 1024 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1978,7 +1978,7 @@ pub async fn put_org_template(
             state.clock.now(),
         )
         .await?;
-    Ok(Json(OrgTemplateView { version, template }))
+    Ok(ApiJson(OrgTemplateView { version, template }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -1995,12 +1995,12 @@ pub struct EmailTemplateList {
 pub async fn list_email_templates(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<EmailTemplateList>, ApiError> {
+) -> Result<ApiJson<EmailTemplateList>, ApiError> {
     let stored = state
         .store
         .email_templates(auth.principal.project_id())
         .await?;
-    Ok(Json(EmailTemplateList {
+    Ok(ApiJson(EmailTemplateList {
         templates: EMAIL_KINDS
             .iter()
             .filter_map(|kind| effective_template(kind, &stored))
@@ -2034,7 +2034,7 @@ pub async fn put_email_template(
     auth: SecretKey,
     Path(kind): Path<String>,
     ApiJson(body): ApiJson<EmailTemplateBody>,
-) -> Result<Json<EmailTemplate>, ApiError> {
+) -> Result<ApiJson<EmailTemplate>, ApiError> {
     if !EMAIL_KINDS.contains(&kind.as_str()) {
         return Err(ApiError::not_found(
             "email_template_not_found",
@@ -2059,7 +2059,7 @@ pub async fn put_email_template(
         .store
         .put_email_template(auth.principal.project_id(), &template)
         .await?;
-    Ok(Json(template))
+    Ok(ApiJson(template))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -2083,11 +2083,11 @@ pub async fn list_emails(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiQuery(params): ApiQuery<EmailListParams>,
-) -> Result<Json<EmailList>, ApiError> {
+) -> Result<ApiJson<EmailList>, ApiError> {
     let limit = crate::routes::page_limit(params.limit)?;
     let emails = state
         .store
         .list_emails(auth.principal.project_id(), limit)
         .await?;
-    Ok(Json(EmailList { emails }))
+    Ok(ApiJson(EmailList { emails }))
 }

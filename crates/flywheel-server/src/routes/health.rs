@@ -4,10 +4,11 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::error::ApiJson;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 
@@ -28,8 +29,8 @@ pub struct Status {
 /// Liveness: the process is up and serving HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "The process is alive", body = Status)))]
-pub async fn healthz() -> Json<Status> {
-    Json(Status { status: "ok" })
+pub async fn healthz() -> ApiJson<Status> {
+    ApiJson(Status { status: "ok" })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -48,7 +49,7 @@ pub struct Readiness {
         (status = 200, description = "Ready to serve", body = Readiness),
         (status = 503, description = "The store is unreachable or not migrated", body = ErrorEnvelope),
     ))]
-pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, ApiError> {
+pub async fn readyz(State(state): State<AppState>) -> Result<ApiJson<Readiness>, ApiError> {
     state
         .store
         .check_ready()
@@ -61,7 +62,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, Ap
             ),
             e => e,
         })?;
-    Ok(Json(Readiness {
+    Ok(ApiJson(Readiness {
         status: "ready",
         backend: state.store.backend().as_str(),
         projects: state.snapshot.load().project_count(),

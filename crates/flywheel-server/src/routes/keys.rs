@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Utc};
 use flywheel_domain::keys::KeyKind;
 use flywheel_domain::project::{ApiKeyRecord, KeyId};
@@ -79,9 +79,9 @@ pub struct CreatedKey {
 pub async fn list_keys(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<KeyList>, ApiError> {
+) -> Result<ApiJson<KeyList>, ApiError> {
     let keys = state.store.list_keys(auth.principal.project_id()).await?;
-    Ok(Json(KeyList {
+    Ok(ApiJson(KeyList {
         keys: keys.into_iter().map(ApiKeyInfo::from).collect(),
     }))
 }
@@ -101,7 +101,7 @@ pub async fn create_key(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(request): ApiJson<CreateKeyRequest>,
-) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+) -> Result<(StatusCode, ApiJson<CreatedKey>), ApiError> {
     let project = auth.principal.project_id();
     let (record, key) = projects::create_key(
         state.store.as_ref(),
@@ -116,7 +116,7 @@ pub async fn create_key(
         info: record.into(),
         key: key.plaintext,
     };
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, ApiJson(created)))
 }
 
 /// Revokes a key at once. Revoking a revoked key is a no-op that returns it.
@@ -134,7 +134,7 @@ pub async fn revoke_key(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(key_id): Path<String>,
-) -> Result<Json<ApiKeyInfo>, ApiError> {
+) -> Result<ApiJson<ApiKeyInfo>, ApiError> {
     let key_id = Uuid::parse_str(&key_id).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -157,5 +157,5 @@ pub async fn revoke_key(
         e => e,
     })?;
     state.snapshot.reload_project(project).await?;
-    Ok(Json(record.into()))
+    Ok(ApiJson(record.into()))
 }

@@ -16,7 +16,7 @@ use axum::http::header::ETAG;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use flywheel_domain::events::{decode_native, Envelope};
 use flywheel_domain::snapshot::Principal;
 use flywheel_flags::{EvaluationContext, Resolution, ResolutionErrorCode};
@@ -26,6 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AnyKey;
+use crate::error::ApiJson;
 use crate::error::{ApiError, ApiQuery, ErrorEnvelope};
 use crate::ingest::ingest;
 use crate::state::AppState;
@@ -123,7 +124,7 @@ fn failure(
     code: &'static str,
     details: impl Into<String>,
 ) -> Response {
-    (status, Json(OfrepFailure::new(key, code, details))).into_response()
+    (status, ApiJson(OfrepFailure::new(key, code, details))).into_response()
 }
 
 /// An evaluation request: the context, and whether to record exposures.
@@ -343,7 +344,7 @@ pub async fn evaluate_flag(
         record_exposures(&state, &auth.principal, &context, served).await;
     }
     match &resolution.error {
-        None => Json(success(&resolution)).into_response(),
+        None => ApiJson(success(&resolution)).into_response(),
         Some(error) if error.code == ResolutionErrorCode::FlagNotFound => failure(
             StatusCode::NOT_FOUND,
             Some(&key),

@@ -4,7 +4,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, put};
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Utc};
 use flywheel_domain::privacy::ProjectSettings;
 use flywheel_domain::schemas::{EventSchema, PropertyType};
@@ -34,8 +34,8 @@ pub fn router() -> Router<AppState> {
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
-pub async fn get_settings(auth: SecretKey) -> Json<ProjectSettings> {
-    Json(auth.principal.project.settings.clone())
+pub async fn get_settings(auth: SecretKey) -> ApiJson<ProjectSettings> {
+    ApiJson(auth.principal.project.settings.clone())
 }
 
 /// Replaces the project's settings. Omitted fields take their defaults.
@@ -53,14 +53,14 @@ pub async fn put_settings(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(settings): ApiJson<ProjectSettings>,
-) -> Result<Json<ProjectSettings>, ApiError> {
+) -> Result<ApiJson<ProjectSettings>, ApiError> {
     let project = auth.principal.project_id();
     state
         .store
         .update_project_settings(project, &settings, state.clock.now())
         .await?;
     state.snapshot.reload_project(project).await?;
-    Ok(Json(settings))
+    Ok(ApiJson(settings))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -76,8 +76,8 @@ pub struct SchemaList {
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
         (status = 403, description = "A publishable key was used", body = ErrorEnvelope),
     ))]
-pub async fn list_schemas(auth: SecretKey) -> Json<SchemaList> {
-    Json(SchemaList {
+pub async fn list_schemas(auth: SecretKey) -> ApiJson<SchemaList> {
+    ApiJson(SchemaList {
         schemas: auth.principal.project.schemas.values().cloned().collect(),
     })
 }
@@ -110,7 +110,7 @@ pub async fn put_schema(
     auth: SecretKey,
     Path(event): Path<String>,
     ApiJson(body): ApiJson<SchemaBody>,
-) -> Result<Json<EventSchema>, ApiError> {
+) -> Result<ApiJson<EventSchema>, ApiError> {
     if event.is_empty() || event.len() > 256 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -129,7 +129,7 @@ pub async fn put_schema(
         .put_event_schema(project, &schema, state.clock.now())
         .await?;
     state.snapshot.reload_project(project).await?;
-    Ok(Json(schema))
+    Ok(ApiJson(schema))
 }
 
 /// Removes the schema of one event name.
@@ -197,13 +197,13 @@ pub async fn list_violations(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiQuery(params): ApiQuery<LimitParams>,
-) -> Result<Json<ViolationList>, ApiError> {
+) -> Result<ApiJson<ViolationList>, ApiError> {
     let limit = super::page_limit(params.limit)?;
     let found = state
         .store
         .list_schema_violations(auth.principal.project_id(), limit)
         .await?;
-    Ok(Json(ViolationList {
+    Ok(ApiJson(ViolationList {
         violations: found
             .into_iter()
             .map(|v| ViolationView {
@@ -239,7 +239,7 @@ pub async fn delete_user(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(user_id): Path<String>,
-) -> Result<Json<DeletedUser>, ApiError> {
+) -> Result<ApiJson<DeletedUser>, ApiError> {
     let project = auth.principal.project_id();
     let person = state.store.resolve_person(project, &user_id).await?;
     let mut ids = state.store.person_ids(project, &person).await?;
@@ -253,7 +253,7 @@ pub async fn delete_user(
     for id in &ids {
         state.profiles.forget(project, id);
     }
-    Ok(Json(DeletedUser {
+    Ok(ApiJson(DeletedUser {
         ids,
         events_deleted,
     }))

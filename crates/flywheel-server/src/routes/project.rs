@@ -1,7 +1,7 @@
 //! The calling key's project.
 
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Utc};
 use flywheel_domain::keys::KeyKind;
 use serde::Serialize;
@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::AnyKey;
+use crate::error::ApiJson;
 use crate::error::ErrorEnvelope;
 use crate::state::AppState;
 
@@ -34,9 +35,9 @@ pub struct CurrentProject {
         (status = 200, description = "The key's project", body = CurrentProject),
         (status = 401, description = "Missing, unknown or revoked key", body = ErrorEnvelope),
     ))]
-pub async fn current_project(auth: AnyKey) -> Json<CurrentProject> {
+pub async fn current_project(auth: AnyKey) -> ApiJson<CurrentProject> {
     let project = &auth.principal.project.project;
-    Json(CurrentProject {
+    ApiJson(CurrentProject {
         project_id: project.id.0,
         name: project.name.clone(),
         created_at: project.created_at,

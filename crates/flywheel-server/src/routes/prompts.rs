@@ -17,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use flywheel_domain::events::{decode_native, Envelope};
 use flywheel_domain::growth::model::validate_external_id;
 use flywheel_domain::identity::verify_user_hash;
@@ -76,19 +76,19 @@ pub struct PromptRulesView {
 pub async fn get_prompt_rules(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<PromptRulesView>, ApiError> {
+) -> Result<ApiJson<PromptRulesView>, ApiError> {
     let Some((version, document)) = state
         .store
         .prompt_rules(auth.principal.project_id())
         .await?
     else {
-        return Ok(Json(PromptRulesView {
+        return Ok(ApiJson(PromptRulesView {
             version: 0,
             rules: PromptRules::default(),
         }));
     };
     let rules = serde_json::from_value(document).map_err(ApiError::internal)?;
-    Ok(Json(PromptRulesView { version, rules }))
+    Ok(ApiJson(PromptRulesView { version, rules }))
 }
 
 /// Replaces the prompt rules (a new version). Each rule has a trigger
@@ -110,7 +110,7 @@ pub async fn put_prompt_rules(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(rules): ApiJson<PromptRules>,
-) -> Result<Json<PromptRulesView>, ApiError> {
+) -> Result<ApiJson<PromptRulesView>, ApiError> {
     let rules = rules
         .validate()
         .map_err(|problems| ApiError::invalid_document("invalid_prompt_rules", &problems))?;
@@ -122,7 +122,7 @@ pub async fn put_prompt_rules(
         .put_prompt_rules(project, &document, &actor, state.clock.now())
         .await?;
     state.snapshot.reload_project(project).await?;
-    Ok(Json(PromptRulesView { version, rules }))
+    Ok(ApiJson(PromptRulesView { version, rules }))
 }
 
 /// The project's identity secret, generated on first use: the product's
@@ -167,9 +167,9 @@ pub struct IdentitySecretView {
 pub async fn identity_secret_view(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<IdentitySecretView>, ApiError> {
+) -> Result<ApiJson<IdentitySecretView>, ApiError> {
     let secret = identity_secret(&state, &auth.principal).await?;
-    Ok(Json(IdentitySecretView {
+    Ok(ApiJson(IdentitySecretView {
         secret: secret.to_string(),
         required: auth.principal.project.settings.identity_verification,
     }))
@@ -272,7 +272,7 @@ pub async fn list_prompts(
     State(state): State<AppState>,
     auth: AnyKey,
     ApiQuery(query): ApiQuery<PromptsQuery>,
-) -> Result<Json<PromptList>, ApiError> {
+) -> Result<ApiJson<PromptList>, ApiError> {
     validate_external_id("user_id", &query.user_id)?;
     let limit = match query.limit {
         None => 20,
@@ -301,7 +301,7 @@ pub async fn list_prompts(
             limit,
         )
         .await?;
-    Ok(Json(PromptList { prompts }))
+    Ok(ApiJson(PromptList { prompts }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -321,12 +321,12 @@ pub struct PromptStatsList {
 pub async fn prompt_stats(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<PromptStatsList>, ApiError> {
+) -> Result<ApiJson<PromptStatsList>, ApiError> {
     let stats = state
         .store
         .prompt_stats(auth.principal.project_id())
         .await?;
-    Ok(Json(PromptStatsList { stats }))
+    Ok(ApiJson(PromptStatsList { stats }))
 }
 
 fn valid_prompt_id(id: &str) -> Result<(), ApiError> {
@@ -357,13 +357,13 @@ pub async fn get_prompt(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(prompt_id): Path<String>,
-) -> Result<Json<Prompt>, ApiError> {
+) -> Result<ApiJson<Prompt>, ApiError> {
     valid_prompt_id(&prompt_id)?;
     state
         .store
         .get_prompt(auth.principal.project_id(), &prompt_id, state.clock.now())
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(prompt_not_found)
 }
 
@@ -408,7 +408,7 @@ pub async fn prompt_event(
     auth: AnyKey,
     Path(prompt_id): Path<String>,
     ApiJson(request): ApiJson<PromptEventRequest>,
-) -> Result<Json<Prompt>, ApiError> {
+) -> Result<ApiJson<Prompt>, ApiError> {
     valid_prompt_id(&prompt_id)?;
     let project = auth.principal.project_id();
     let now = state.clock.now();
@@ -470,7 +470,7 @@ pub async fn prompt_event(
         .store
         .get_prompt(project, &prompt_id, now)
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(prompt_not_found)
 }
 
@@ -596,7 +596,7 @@ pub async fn decide(
         prompts,
         stream_url,
     };
-    Ok(Json(answer).into_response())
+    Ok(ApiJson(answer).into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use chrono::Duration;
 use flywheel_domain::billing::org::{OrgCommand, StripeChange, StripeSync};
 use flywheel_domain::billing::stripe::{
@@ -24,6 +24,7 @@ use flywheel_store::{Billing, OrgRequest, OrgResult};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::error::ApiJson;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 
@@ -44,8 +45,8 @@ pub struct WebhookAck {
     org_id: Option<String>,
 }
 
-fn ack(outcome: &'static str, org_id: Option<String>) -> Json<WebhookAck> {
-    Json(WebhookAck {
+fn ack(outcome: &'static str, org_id: Option<String>) -> ApiJson<WebhookAck> {
+    ApiJson(WebhookAck {
         received: true,
         outcome,
         org_id,
@@ -69,7 +70,7 @@ pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<WebhookAck>, ApiError> {
+) -> Result<ApiJson<WebhookAck>, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -207,7 +208,7 @@ pub async fn webhook(
     Ok(counted(ack(outcome, Some(org_id))))
 }
 
-fn counted(ack: Json<WebhookAck>) -> Json<WebhookAck> {
+fn counted(ack: ApiJson<WebhookAck>) -> ApiJson<WebhookAck> {
     metrics::counter!("flywheel_stripe_webhooks_total", "outcome" => ack.outcome).increment(1);
     ack
 }
@@ -321,7 +322,7 @@ pub async fn checkout(
     auth: crate::auth::SecretKey,
     axum::extract::Path(org_id): axum::extract::Path<String>,
     crate::error::ApiJson(request): crate::error::ApiJson<CheckoutRequest>,
-) -> Result<Json<SessionView>, ApiError> {
+) -> Result<ApiJson<SessionView>, ApiError> {
     crate::routes::billing::valid_org_id(&org_id)?;
     absolute_url("success_url", &request.success_url)?;
     absolute_url("cancel_url", &request.cancel_url)?;
@@ -350,7 +351,7 @@ pub async fn checkout(
             &request.cancel_url,
         )
         .await?;
-    Ok(Json(SessionView {
+    Ok(ApiJson(SessionView {
         id: session.id,
         url: session.url,
     }))
@@ -376,7 +377,7 @@ pub async fn billing_portal(
     auth: crate::auth::SecretKey,
     axum::extract::Path(org_id): axum::extract::Path<String>,
     crate::error::ApiJson(request): crate::error::ApiJson<PortalRequest>,
-) -> Result<Json<SessionView>, ApiError> {
+) -> Result<ApiJson<SessionView>, ApiError> {
     crate::routes::billing::valid_org_id(&org_id)?;
     absolute_url("return_url", &request.return_url)?;
     let client = stripe_client(&state)?;
@@ -400,7 +401,7 @@ pub async fn billing_portal(
     let session = client
         .create_portal_session(&customer, &request.return_url)
         .await?;
-    Ok(Json(SessionView {
+    Ok(ApiJson(SessionView {
         id: session.id,
         url: session.url,
     }))

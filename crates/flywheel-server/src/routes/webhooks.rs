@@ -4,7 +4,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Router;
 use flywheel_domain::growth::webhook_signature::WebhookSecret;
 use flywheel_store::growth::{DeliveryQuery, DeliveryRecord, WebhookEndpoint};
 use serde::{Deserialize, Serialize};
@@ -78,7 +78,7 @@ pub async fn create_endpoint(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiJson(body): ApiJson<CreateEndpointBody>,
-) -> Result<(StatusCode, Json<WebhookEndpoint>), ApiError> {
+) -> Result<(StatusCode, ApiJson<WebhookEndpoint>), ApiError> {
     let url = reqwest::Url::parse(&body.url).map_err(|error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -122,7 +122,7 @@ pub async fn create_endpoint(
         .store
         .create_webhook_endpoint(auth.principal.project_id(), &endpoint)
         .await?;
-    Ok((StatusCode::CREATED, Json(endpoint)))
+    Ok((StatusCode::CREATED, ApiJson(endpoint)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -138,12 +138,12 @@ pub struct EndpointList {
 pub async fn list_endpoints(
     State(state): State<AppState>,
     auth: SecretKey,
-) -> Result<Json<EndpointList>, ApiError> {
+) -> Result<ApiJson<EndpointList>, ApiError> {
     let endpoints = state
         .store
         .list_webhook_endpoints(auth.principal.project_id())
         .await?;
-    Ok(Json(EndpointList { endpoints }))
+    Ok(ApiJson(EndpointList { endpoints }))
 }
 
 /// Removes an endpoint; its undelivered messages are marked failed.
@@ -185,14 +185,14 @@ pub async fn enable_endpoint(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(id): Path<String>,
-) -> Result<Json<WebhookEndpoint>, ApiError> {
+) -> Result<ApiJson<WebhookEndpoint>, ApiError> {
     let endpoint = state
         .store
         .set_webhook_endpoint_enabled(auth.principal.project_id(), &id, true, None)
         .await?
         .ok_or_else(not_found)?;
     state.outbox_signal.wake();
-    Ok(Json(endpoint))
+    Ok(ApiJson(endpoint))
 }
 
 /// Pauses an endpoint: its messages wait until it is enabled again.
@@ -208,7 +208,7 @@ pub async fn disable_endpoint(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(id): Path<String>,
-) -> Result<Json<WebhookEndpoint>, ApiError> {
+) -> Result<ApiJson<WebhookEndpoint>, ApiError> {
     state
         .store
         .set_webhook_endpoint_enabled(
@@ -218,7 +218,7 @@ pub async fn disable_endpoint(
             Some("disabled by the API"),
         )
         .await?
-        .map(Json)
+        .map(ApiJson)
         .ok_or_else(not_found)
 }
 
@@ -250,7 +250,7 @@ pub async fn list_deliveries(
     State(state): State<AppState>,
     auth: SecretKey,
     ApiQuery(params): ApiQuery<DeliveryParams>,
-) -> Result<Json<DeliveryList>, ApiError> {
+) -> Result<ApiJson<DeliveryList>, ApiError> {
     let limit = crate::routes::page_limit(params.limit)?;
     if let Some(status) = &params.status {
         if !matches!(status.as_str(), "pending" | "succeeded" | "failed") {
@@ -273,7 +273,7 @@ pub async fn list_deliveries(
             },
         )
         .await?;
-    Ok(Json(DeliveryList { deliveries }))
+    Ok(ApiJson(DeliveryList { deliveries }))
 }
 
 /// Sends a delivery again now (same `webhook-id`), whatever its state.
@@ -289,12 +289,12 @@ pub async fn replay_delivery(
     State(state): State<AppState>,
     auth: SecretKey,
     Path(id): Path<String>,
-) -> Result<Json<DeliveryRecord>, ApiError> {
+) -> Result<ApiJson<DeliveryRecord>, ApiError> {
     let record = state
         .store
         .replay_delivery(auth.principal.project_id(), &id, state.clock.now())
         .await?
         .ok_or_else(|| ApiError::not_found("webhook_delivery_not_found", "no such delivery"))?;
     state.outbox_signal.wake();
-    Ok(Json(record))
+    Ok(ApiJson(record))
 }
