@@ -1258,8 +1258,8 @@ impl Store for PgStore {
     ) -> Result<Option<OrgState>, StoreError> {
         timed(Backend::Postgres, "load_org", async {
             let mut conn = self.pool.acquire().await?;
-            let ids = [org_id.to_string()];
-            let mut states = load_orgs_in(&mut conn, project.0, &ids, Utc::now(), false).await?;
+            let orgs = [(org_id.to_string(), Utc::now())];
+            let mut states = load_orgs_in(&mut conn, project.0, &orgs, false).await?;
             Ok(states.remove(org_id).filter(|state| state.version > 0))
         })
         .await
@@ -1286,79 +1286,104 @@ impl Store for PgStore {
     async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError> {
         timed(Backend::Postgres, "execute_org_requests", async {
             let mut tx = self.pool.begin().await?;
-            let mut replies = HashMap::new();
+            // Set-wise per project, projects in order: a few statements per
+            // group, not per request, and every org locked in one global
+            // (project, org) order, so no two nodes deadlock.
+            let mut by_project: BTreeMap<ProjectId, Vec<&OrgRequest>> = BTreeMap::new();
             for request in requests {
-                let Some(key) = &request.idempotency_key else { continue };
-                let row = sqlx::query(
-                    "SELECT fingerprint, reply FROM org_requests WHERE project_id = $1 AND idempotency_key = $2",
-                )
-                .bind(request.project.0)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(row) = row {
-                    let reply: Reply = serde_json::from_value(row.try_get("reply")?).map_err(StoreError::internal)?;
-                    replies.insert((request.project, key.clone()), (row.try_get("fingerprint")?, reply));
-                }
+                by_project.entry(request.project).or_default().push(request);
             }
-            // Lock every org in one global order: no two nodes deadlock.
-            let mut keys: Vec<(ProjectId, String)> = requests
-                .iter()
-                .map(|request| (request.project, request.org_id.clone()))
-                .collect();
-            keys.sort();
-            keys.dedup();
+            let mut replies = HashMap::new();
             let mut states = HashMap::new();
-            for key in &keys {
-                // A new org is created as of the first request naming it.
-                let now = requests
+            for (project, group) in &by_project {
+                let keys: Vec<&str> = group
                     .iter()
-                    .find(|request| request.project == key.0 && request.org_id == key.1)
-                    .map_or_else(Utc::now, |request| request.now);
-                let loaded = load_orgs_in(&mut tx, key.0 .0, std::slice::from_ref(&key.1), now, true).await?;
-                states.insert(key.clone(), loaded.into_values().next().expect("one org loaded"));
+                    .filter_map(|request| request.idempotency_key.as_deref())
+                    .collect();
+                if !keys.is_empty() {
+                    let rows = sqlx::query(
+                        "SELECT idempotency_key, fingerprint, reply FROM org_requests \
+                         WHERE project_id = $1 AND idempotency_key = ANY($2)",
+                    )
+                    .bind(project.0)
+                    .bind(&keys)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for row in rows {
+                        let reply: Reply =
+                            serde_json::from_value(row.try_get("reply")?).map_err(StoreError::internal)?;
+                        replies.insert(
+                            (*project, row.try_get("idempotency_key")?),
+                            (row.try_get("fingerprint")?, reply),
+                        );
+                    }
+                }
+                // A new org is created as of the first request naming it.
+                let mut orgs: Vec<(String, DateTime<Utc>)> = Vec::new();
+                for request in group {
+                    if !orgs.iter().any(|(org, _)| *org == request.org_id) {
+                        orgs.push((request.org_id.clone(), request.now));
+                    }
+                }
+                for (org, state) in load_orgs_in(&mut tx, project.0, &orgs, true).await? {
+                    states.insert((*project, org), state);
+                }
             }
             let before = states.clone();
             let mut fresh = Vec::new();
             let results = run_org_requests(requests, &mut states, &mut replies, &mut fresh);
             let mut commit = OrgCommit { results, orgs: Vec::new(), outbox: false };
-            for key in keys {
-                let after = states.remove(&key).expect("listed above");
-                let saved = save_org_in(&mut tx, key.0 .0, &before[&key], after).await?;
-                if let Some(saved) = &saved {
-                    let mut naming = requests
-                        .iter()
-                        .filter(|request| request.project == key.0 && request.org_id == key.1);
-                    let first = naming.next().expect("every org was named by a request");
-                    let now = naming.fold(first.now, |latest, request| latest.max(request.now));
-                    let actors = crate::request_actors(requests, key.0);
-                    commit.outbox |= growth_impl::billing_effects_by(
-                        &mut tx,
-                        key.0,
-                        &first.billing,
-                        &[(&before[&key], saved)],
-                        &actors,
-                        now,
-                    )
-                    .await?;
-                }
-                // Changed or not, this is the latest committed state (the
-                // org was locked): it refreshes caches either way.
-                let state = saved.unwrap_or_else(|| before[&key].clone());
-                commit.orgs.push((key.0, std::sync::Arc::new(state)));
+            for (project, group) in &by_project {
+                let mut keys: Vec<(ProjectId, String)> =
+                    states.keys().filter(|(p, _)| p == project).cloned().collect();
+                keys.sort();
+                let writes = keys
+                    .iter()
+                    .map(|key| (&before[key], states.remove(key).expect("listed above")))
+                    .collect();
+                let saved = save_orgs_in(&mut tx, project.0, writes).await?;
+                // Changed or not, each is the latest committed state (the
+                // orgs are locked): it refreshes caches either way.
+                let latest: Vec<OrgState> = keys
+                    .iter()
+                    .zip(saved)
+                    .map(|(key, saved)| saved.unwrap_or_else(|| before[key].clone()))
+                    .collect();
+                let changes: Vec<(&OrgState, &OrgState)> = latest
+                    .iter()
+                    .map(|after| (&before[&(*project, after.org_id.clone())], after))
+                    .collect();
+                let now = group.iter().map(|request| request.now).max().expect("a group is never empty");
+                let actors = crate::request_actors(requests, *project);
+                commit.outbox |= growth_impl::billing_effects_by(
+                    &mut tx,
+                    *project,
+                    &group[0].billing,
+                    &changes,
+                    &actors,
+                    now,
+                )
+                .await?;
+                commit
+                    .orgs
+                    .extend(latest.into_iter().map(|state| (*project, std::sync::Arc::new(state))));
             }
             commit.outbox |=
                 growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;
-            for (project, key, fingerprint, reply, at) in fresh {
+            if !fresh.is_empty() {
+                let mut replies = Vec::with_capacity(fresh.len());
+                for (_, _, _, reply, _) in &fresh {
+                    replies.push(serde_json::to_value(reply).map_err(StoreError::internal)?);
+                }
                 sqlx::query(
                     "INSERT INTO org_requests (project_id, idempotency_key, fingerprint, reply, created_at) \
-                     VALUES ($1, $2, $3, $4, $5)",
+                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[])",
                 )
-                .bind(project.0)
-                .bind(key)
-                .bind(fingerprint)
-                .bind(serde_json::to_value(&reply).map_err(StoreError::internal)?)
-                .bind(at)
+                .bind(fresh.iter().map(|(project, ..)| project.0).collect::<Vec<_>>())
+                .bind(fresh.iter().map(|(_, key, ..)| key.as_str()).collect::<Vec<_>>())
+                .bind(fresh.iter().map(|(_, _, fingerprint, ..)| fingerprint.as_str()).collect::<Vec<_>>())
+                .bind(replies)
+                .bind(fresh.iter().map(|(.., at)| *at).collect::<Vec<_>>())
                 .execute(&mut *tx)
                 .await?;
             }
@@ -1431,96 +1456,112 @@ fn parse_org_notification(payload: &str) -> Option<ConfigSignal> {
 
 // ---- Billing: org state, usage, idempotent org requests ------------------
 
-/// Loads the orgs' billing state. With `lock`, each org row is created if
-/// missing and locked `FOR UPDATE` until the transaction ends: concurrent
-/// writers of one org serialise on every node (callers lock in sorted order).
+/// Loads the orgs' billing state in three statements (the org rows, their
+/// current counters, their grants), whatever the number of orgs. Orgs
+/// without a row start fresh, created at the time paired with them.
+///
+/// With `lock`, missing rows are created and every row is locked until the
+/// transaction ends, by one `INSERT … ON CONFLICT DO UPDATE` that visits the
+/// orgs in sorted order (it inserts a missing row, or locks the existing one
+/// and returns its latest committed version): concurrent writers on every
+/// node take their locks in one global order, as one statement per org did,
+/// and never deadlock. Callers with several projects lock them in order too.
 async fn load_orgs_in(
     conn: &mut PgConnection,
     project: Uuid,
-    org_ids: &[String],
-    now: DateTime<Utc>,
+    orgs: &[(String, DateTime<Utc>)],
     lock: bool,
 ) -> Result<HashMap<String, OrgState>, StoreError> {
-    let mut states = HashMap::with_capacity(org_ids.len());
-    let mut sorted: Vec<&String> = org_ids.iter().collect();
-    sorted.sort();
-    sorted.dedup();
-    for org_id in sorted {
-        if lock {
-            sqlx::query(
-                "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
-                 VALUES ($1, $2, $3, NULL, '{}', 0) ON CONFLICT DO NOTHING",
-            )
-            .bind(project)
-            .bind(org_id)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-        }
-        let sql = if lock {
-            "SELECT created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
-             WHERE project_id = $1 AND org_id = $2 FOR UPDATE"
-        } else {
-            "SELECT created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
-             WHERE project_id = $1 AND org_id = $2"
+    let mut sorted: Vec<&(String, DateTime<Utc>)> = orgs.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.dedup_by(|a, b| a.0 == b.0);
+    let ids: Vec<&str> = sorted.iter().map(|(org, _)| org.as_str()).collect();
+    let created: Vec<DateTime<Utc>> = sorted.iter().map(|(_, at)| *at).collect();
+    let mut states: HashMap<String, OrgState> = sorted
+        .iter()
+        .map(|(org, at)| (org.clone(), OrgState::new(org.clone(), *at)))
+        .collect();
+    if ids.is_empty() {
+        return Ok(states);
+    }
+    let sql = if lock {
+        // `SET version = orgs.version` changes nothing: it is what makes the
+        // conflict path lock the row (`DO NOTHING` would not).
+        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
+         SELECT $1, o.org_id, o.created_at, NULL, '{}', 0 \
+         FROM UNNEST($2::text[], $3::timestamptz[]) WITH ORDINALITY AS o (org_id, created_at, n) \
+         ORDER BY o.n \
+         ON CONFLICT (project_id, org_id) DO UPDATE SET version = orgs.version \
+         RETURNING org_id, created_at, subscription, overrides, stripe_customer_id, version"
+    } else {
+        "SELECT org_id, created_at, subscription, overrides, stripe_customer_id, version FROM orgs \
+         WHERE project_id = $1 AND org_id = ANY($2)"
+    };
+    let query = sqlx::query(sql).bind(project).bind(&ids);
+    let query = if lock { query.bind(&created) } else { query };
+    let rows = query.fetch_all(&mut *conn).await?;
+    for row in rows {
+        let org: String = row.try_get("org_id")?;
+        let Some(state) = states.get_mut(&org) else {
+            continue;
         };
-        let row = sqlx::query(sql)
-            .bind(project)
-            .bind(org_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let mut state = OrgState::new(org_id.clone(), now);
-        if let Some(row) = row {
-            state.created_at = row.try_get("created_at")?;
-            let subscription: Option<serde_json::Value> = row.try_get("subscription")?;
-            state.subscription = subscription
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(StoreError::internal)?;
-            state.overrides =
-                serde_json::from_value(row.try_get("overrides")?).map_err(StoreError::internal)?;
-            state.stripe_customer_id = row.try_get("stripe_customer_id")?;
-            state.version = row.try_get("version")?;
-            let counters = sqlx::query(
-                "SELECT DISTINCT ON (feature) feature, period_start, plan_used, grant_used \
-                 FROM usage_counters WHERE project_id = $1 AND org_id = $2 \
-                 ORDER BY feature, period_start DESC",
-            )
-            .bind(project)
-            .bind(org_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            for row in counters {
-                state.usage.insert(
-                    row.try_get("feature")?,
-                    UsageCounter {
-                        period_start: row.try_get("period_start")?,
-                        plan_used: row.try_get("plan_used")?,
-                        grant_used: row.try_get("grant_used")?,
-                    },
-                );
-            }
-            let grants = sqlx::query(
-                "SELECT grant_id, feature, amount, remaining, expires_at, created_at, reason \
-                 FROM usage_grants WHERE project_id = $1 AND org_id = $2 ORDER BY created_at, grant_id",
-            )
-            .bind(project)
-            .bind(org_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            for row in grants {
-                state.grants.push(UsageGrant {
-                    id: row.try_get("grant_id")?,
-                    feature: row.try_get("feature")?,
-                    amount: row.try_get("amount")?,
-                    remaining: row.try_get("remaining")?,
-                    expires_at: row.try_get("expires_at")?,
-                    created_at: row.try_get("created_at")?,
-                    reason: row.try_get("reason")?,
-                });
-            }
-        }
-        states.insert(org_id.clone(), state);
+        state.created_at = row.try_get("created_at")?;
+        let subscription: Option<serde_json::Value> = row.try_get("subscription")?;
+        state.subscription = subscription
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(StoreError::internal)?;
+        state.overrides =
+            serde_json::from_value(row.try_get("overrides")?).map_err(StoreError::internal)?;
+        state.stripe_customer_id = row.try_get("stripe_customer_id")?;
+        state.version = row.try_get("version")?;
+    }
+    let counters = sqlx::query(
+        "SELECT DISTINCT ON (org_id, feature) org_id, feature, period_start, plan_used, grant_used \
+         FROM usage_counters WHERE project_id = $1 AND org_id = ANY($2) \
+         ORDER BY org_id, feature, period_start DESC",
+    )
+    .bind(project)
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in counters {
+        let org: String = row.try_get("org_id")?;
+        let Some(state) = states.get_mut(&org) else {
+            continue;
+        };
+        state.usage.insert(
+            row.try_get("feature")?,
+            UsageCounter {
+                period_start: row.try_get("period_start")?,
+                plan_used: row.try_get("plan_used")?,
+                grant_used: row.try_get("grant_used")?,
+            },
+        );
+    }
+    let grants = sqlx::query(
+        "SELECT org_id, grant_id, feature, amount, remaining, expires_at, created_at, reason \
+         FROM usage_grants WHERE project_id = $1 AND org_id = ANY($2) \
+         ORDER BY org_id, created_at, grant_id",
+    )
+    .bind(project)
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in grants {
+        let org: String = row.try_get("org_id")?;
+        let Some(state) = states.get_mut(&org) else {
+            continue;
+        };
+        state.grants.push(UsageGrant {
+            id: row.try_get("grant_id")?,
+            feature: row.try_get("feature")?,
+            amount: row.try_get("amount")?,
+            remaining: row.try_get("remaining")?,
+            expires_at: row.try_get("expires_at")?,
+            created_at: row.try_get("created_at")?,
+            reason: row.try_get("reason")?,
+        });
     }
     Ok(states)
 }
@@ -1531,71 +1572,130 @@ async fn save_org_in(
     conn: &mut PgConnection,
     project: Uuid,
     before: &OrgState,
-    mut after: OrgState,
+    after: OrgState,
 ) -> Result<Option<OrgState>, StoreError> {
-    let Some(write) = plan_org_write(before, &mut after) else {
-        return Ok(None);
+    let mut saved = save_orgs_in(conn, project, vec![(before, after)]).await?;
+    Ok(saved.pop().flatten())
+}
+
+/// [`save_org_in`] for many orgs of one project, in five statements at most
+/// (orgs, counters, grants, notifications), whatever their number. Returns,
+/// in the order given, each org's committed state when anything changed.
+async fn save_orgs_in(
+    conn: &mut PgConnection,
+    project: Uuid,
+    writes: Vec<(&OrgState, OrgState)>,
+) -> Result<Vec<Option<OrgState>>, StoreError> {
+    let mut saved = Vec::with_capacity(writes.len());
+    let mut changed = Vec::new();
+    for (before, mut after) in writes {
+        match plan_org_write(before, &mut after) {
+            Some(write) => {
+                changed.push((saved.len(), write));
+                saved.push(Some(after));
+            }
+            None => saved.push(None),
+        }
+    }
+    if changed.is_empty() {
+        return Ok(saved);
+    }
+    let written = || {
+        changed
+            .iter()
+            .map(|(at, _)| saved[*at].as_ref().expect("changed"))
     };
-    let subscription = after
-        .subscription
-        .as_ref()
-        .map(serde_json::to_value)
-        .transpose()
-        .map_err(StoreError::internal)?;
+    let mut subscriptions = Vec::with_capacity(changed.len());
+    let mut overrides = Vec::with_capacity(changed.len());
+    for after in written() {
+        subscriptions.push(
+            after
+                .subscription
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()
+                .map_err(StoreError::internal)?,
+        );
+        overrides.push(serde_json::to_value(&after.overrides).map_err(StoreError::internal)?);
+    }
     sqlx::query(
         "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, stripe_customer_id, version) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (project_id, org_id) DO UPDATE SET \
+         SELECT $1, * FROM UNNEST($2::text[], $3::timestamptz[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[]) \
+         ON CONFLICT (project_id, org_id) DO UPDATE SET \
          subscription = excluded.subscription, overrides = excluded.overrides, \
          stripe_customer_id = excluded.stripe_customer_id, version = excluded.version",
     )
     .bind(project)
-    .bind(&after.org_id)
-    .bind(after.created_at)
-    .bind(subscription)
-    .bind(serde_json::to_value(&after.overrides).map_err(StoreError::internal)?)
-    .bind(&after.stripe_customer_id)
-    .bind(after.version)
+    .bind(written().map(|after| after.org_id.as_str()).collect::<Vec<_>>())
+    .bind(written().map(|after| after.created_at).collect::<Vec<_>>())
+    .bind(subscriptions)
+    .bind(overrides)
+    .bind(written().map(|after| after.stripe_customer_id.as_deref()).collect::<Vec<_>>())
+    .bind(written().map(|after| after.version).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
-    for (feature, counter) in &write.counters {
+    let counters: Vec<(&str, &String, &UsageCounter)> = changed
+        .iter()
+        .flat_map(|(at, write)| {
+            let org = saved[*at].as_ref().expect("changed").org_id.as_str();
+            write
+                .counters
+                .iter()
+                .map(move |(feature, counter)| (org, feature, counter))
+        })
+        .collect();
+    if !counters.is_empty() {
         sqlx::query(
             "INSERT INTO usage_counters (project_id, org_id, feature, period_start, plan_used, grant_used) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project_id, org_id, feature, period_start) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::int8[]) \
+             ON CONFLICT (project_id, org_id, feature, period_start) \
              DO UPDATE SET plan_used = excluded.plan_used, grant_used = excluded.grant_used",
         )
         .bind(project)
-        .bind(&after.org_id)
-        .bind(feature)
-        .bind(counter.period_start)
-        .bind(counter.plan_used)
-        .bind(counter.grant_used)
+        .bind(counters.iter().map(|(org, ..)| *org).collect::<Vec<_>>())
+        .bind(counters.iter().map(|(_, feature, _)| feature.as_str()).collect::<Vec<_>>())
+        .bind(counters.iter().map(|(.., c)| c.period_start).collect::<Vec<_>>())
+        .bind(counters.iter().map(|(.., c)| c.plan_used).collect::<Vec<_>>())
+        .bind(counters.iter().map(|(.., c)| c.grant_used).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
     }
-    for grant in &write.grants {
+    let grants: Vec<(&str, &UsageGrant)> = changed
+        .iter()
+        .flat_map(|(at, write)| {
+            let org = saved[*at].as_ref().expect("changed").org_id.as_str();
+            write.grants.iter().map(move |grant| (org, grant))
+        })
+        .collect();
+    if !grants.is_empty() {
         sqlx::query(
             "INSERT INTO usage_grants (project_id, org_id, grant_id, feature, amount, remaining, expires_at, created_at, reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (project_id, org_id, grant_id) \
-             DO UPDATE SET remaining = excluded.remaining",
+             SELECT $1, * FROM UNNEST($2::text[], $3::uuid[], $4::text[], $5::int8[], $6::int8[], \
+             $7::timestamptz[], $8::timestamptz[], $9::text[]) \
+             ON CONFLICT (project_id, org_id, grant_id) DO UPDATE SET remaining = excluded.remaining",
         )
         .bind(project)
-        .bind(&after.org_id)
-        .bind(grant.id)
-        .bind(&grant.feature)
-        .bind(grant.amount)
-        .bind(grant.remaining)
-        .bind(grant.expires_at)
-        .bind(grant.created_at)
-        .bind(&grant.reason)
+        .bind(grants.iter().map(|(org, _)| *org).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.id).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.feature.as_str()).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.amount).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.remaining).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.expires_at).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.created_at).collect::<Vec<_>>())
+        .bind(grants.iter().map(|(_, g)| g.reason.as_deref()).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query("SELECT pg_notify($1, $2)")
+    sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
         .bind(ORG_CHANNEL)
-        .bind(format!("{project} {} {}", after.version, after.org_id))
+        .bind(
+            written()
+                .map(|after| format!("{project} {} {}", after.version, after.org_id))
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *conn)
         .await?;
-    Ok(Some(after))
+    Ok(saved)
 }
 
 /// Applies the meters of a batch's new events, in the events' transaction.
@@ -1614,9 +1714,10 @@ async fn apply_meters(
         .map(|event| event.received_at)
         .max()
         .expect("inputs come from events");
-    let org_ids: Vec<String> = inputs.iter().map(|(org, ..)| org.clone()).collect();
+    let orgs: Vec<(String, DateTime<Utc>)> =
+        inputs.iter().map(|(org, ..)| (org.clone(), now)).collect();
     let actors = crate::event_actors(events);
-    let mut states = load_orgs_in(conn, project, &org_ids, now, true).await?;
+    let mut states = load_orgs_in(conn, project, &orgs, true).await?;
     let before = states.clone();
     let mut readings = Vec::with_capacity(inputs.len());
     for (org, meter, input) in inputs {
@@ -1646,25 +1747,24 @@ async fn apply_meters(
         readings.push((org, meter, reading));
     }
     apply_readings(billing, &mut states, readings, now);
-    let mut saved = Vec::new();
-    let mut wrote = false;
     let mut orgs: Vec<String> = states.keys().cloned().collect();
     orgs.sort();
-    for org in orgs {
-        let after = states.remove(&org).expect("listed above");
-        if let Some(state) = save_org_in(conn, project, &before[&org], after).await? {
-            wrote |= growth_impl::billing_effects_by(
-                conn,
-                ProjectId(project),
-                billing,
-                &[(&before[&org], &state)],
-                &actors,
-                now,
-            )
+    let writes = orgs
+        .iter()
+        .map(|org| (&before[org], states.remove(org).expect("listed above")))
+        .collect();
+    let saved: Vec<OrgState> = save_orgs_in(conn, project, writes)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let changes: Vec<(&OrgState, &OrgState)> = saved
+        .iter()
+        .map(|state| (&before[&state.org_id], state))
+        .collect();
+    let wrote =
+        growth_impl::billing_effects_by(conn, ProjectId(project), billing, &changes, &actors, now)
             .await?;
-            saved.push(state);
-        }
-    }
     Ok((saved, wrote))
 }
 
@@ -1748,7 +1848,7 @@ async fn g_read_org(
     org_id: &str,
     now: DateTime<Utc>,
 ) -> Result<OrgState, StoreError> {
-    let mut states = load_orgs_in(conn, project.0, &[org_id.to_owned()], now, false).await?;
+    let mut states = load_orgs_in(conn, project.0, &[(org_id.to_owned(), now)], false).await?;
     Ok(states
         .remove(org_id)
         .unwrap_or_else(|| OrgState::new(org_id, now)))
@@ -1760,7 +1860,7 @@ async fn g_load_org(
     org_id: &str,
     now: DateTime<Utc>,
 ) -> Result<OrgState, StoreError> {
-    let mut states = load_orgs_in(conn, project.0, &[org_id.to_owned()], now, true).await?;
+    let mut states = load_orgs_in(conn, project.0, &[(org_id.to_owned(), now)], true).await?;
     states.remove(org_id).ok_or(StoreError::NotFound)
 }
 
