@@ -21,6 +21,8 @@ flywheel_store::for_each_backend!(
     consume_is_idempotent_and_a_reused_key_is_refused,
     concurrent_consumers_on_two_connections_never_overrun_a_hard_limit,
     concurrent_batches_on_two_connections_never_overrun_a_hard_limit,
+    groups_over_many_orgs_in_any_order_never_deadlock_and_count_exactly,
+    a_group_creates_each_new_org_as_of_its_first_request,
     org_state_round_trips_with_subscription_grants_and_overrides,
     meters_count_new_events_in_their_commit_and_never_duplicates,
 );
@@ -253,6 +255,117 @@ async fn concurrent_batches_on_two_connections_never_overrun_a_hard_limit(backen
         (10, 10),
         "exactly the limit"
     );
+}
+
+async fn groups_over_many_orgs_in_any_order_never_deadlock_and_count_exactly(backend: Backend) {
+    let (db, store, p) = setup(backend).await;
+    let q = Project {
+        id: ProjectId::new_v7(),
+        name: "q".into(),
+        created_at: at(0),
+    };
+    store.create_project(&q, &[]).await.unwrap();
+    let other = db.open().await;
+    let orgs: Vec<String> = (0..6).map(|i| format!("org-{i}")).collect();
+    // Group-committed batches from two nodes, each naming every org of both
+    // projects (all new at first) in a different order: the stores must lock
+    // in one global order whatever the order of the requests.
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
+            let mut names: Vec<&String> = orgs.iter().collect();
+            names.rotate_left(i % orgs.len());
+            if i % 2 == 1 {
+                names.reverse();
+            }
+            let projects = if i % 3 == 0 { [&q, &p] } else { [&p, &q] };
+            let requests: Vec<OrgRequest> = projects
+                .iter()
+                .flat_map(|project| {
+                    names.iter().map(move |org| {
+                        request(
+                            project,
+                            org,
+                            consume(1),
+                            Some(&format!("k{i}-{org}")),
+                            Utc::now(),
+                        )
+                    })
+                })
+                .collect();
+            tokio::spawn(async move {
+                let commit = store.execute_org_requests(&requests).await.unwrap();
+                requests
+                    .into_iter()
+                    .zip(commit.results)
+                    .filter(|(_, result)| used(result).0)
+                    .map(|(request, _)| (request.project, request.org_id))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut granted = std::collections::HashMap::new();
+    for task in tasks {
+        let done = tokio::time::timeout(std::time::Duration::from_secs(60), task)
+            .await
+            .expect("no group waits forever");
+        for key in done.unwrap() {
+            *granted.entry(key).or_insert(0) += 1;
+        }
+    }
+    for project in [&p, &q] {
+        for org in &orgs {
+            assert_eq!(
+                granted.get(&(project.id, org.clone())),
+                Some(&10),
+                "{} {org}",
+                project.name
+            );
+            let state = store.load_org(project.id, org).await.unwrap().unwrap();
+            assert_eq!(
+                state.usage["api_calls"].used(),
+                10,
+                "{} {org}",
+                project.name
+            );
+        }
+    }
+}
+
+async fn a_group_creates_each_new_org_as_of_its_first_request(backend: Backend) {
+    let (_db, store, p) = setup(backend).await;
+    let commit = store
+        .execute_org_requests(&[
+            request(&p, "acme", consume(1), Some("a1"), at(10)),
+            request(&p, "beta", consume(2), Some("b1"), at(20)),
+            request(&p, "acme", consume(3), Some("a2"), at(30)),
+        ])
+        .await
+        .unwrap();
+    let results: Vec<_> = commit.results.iter().map(used).collect();
+    assert_eq!(results, [(true, Some(1)), (true, Some(2)), (true, Some(4))]);
+    let acme = store.load_org(p.id, "acme").await.unwrap().unwrap();
+    let beta = store.load_org(p.id, "beta").await.unwrap().unwrap();
+    assert_eq!((acme.created_at, beta.created_at), (at(10), at(20)));
+    assert_eq!(
+        (
+            acme.usage["api_calls"].used(),
+            beta.usage["api_calls"].used()
+        ),
+        (4, 2)
+    );
+    // Both are in the commit, as each one's latest state.
+    let mut orgs: Vec<&str> = commit
+        .orgs
+        .iter()
+        .map(|(_, state)| state.org_id.as_str())
+        .collect();
+    orgs.sort();
+    assert_eq!(orgs, ["acme", "beta"]);
 }
 
 async fn org_state_round_trips_with_subscription_grants_and_overrides(backend: Backend) {
