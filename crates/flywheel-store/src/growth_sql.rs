@@ -634,6 +634,34 @@ macro_rules! growth_store_impl {
                 Ok(!messages.is_empty())
             }
 
+            /// One project's part of a group commit, after its orgs are
+            /// saved: the billing effects of what changed (`group` are the
+            /// project's requests, `latest` each of its orgs' committed
+            /// state), and every org's latest state into `commit` for the
+            /// caches, changed or not (the transaction holds their locks).
+            pub(crate) async fn org_group_effects(
+                conn: &mut Conn,
+                project: ProjectId,
+                group: &[&crate::OrgRequest],
+                requests: &[crate::OrgRequest],
+                before: &std::collections::HashMap<(ProjectId, String), OrgState>,
+                latest: Vec<OrgState>,
+                commit: &mut crate::OrgCommit,
+            ) -> Result<(), StoreError> {
+                let changes: Vec<(&OrgState, &OrgState)> = latest
+                    .iter()
+                    .map(|after| (&before[&(project, after.org_id.clone())], after))
+                    .collect();
+                let now = group.iter().map(|request| request.now).max().expect("a group is never empty");
+                let actors = crate::request_actors(requests, project);
+                commit.outbox |=
+                    billing_effects_by(&mut *conn, project, &group[0].billing, &changes, &actors, now).await?;
+                commit
+                    .orgs
+                    .extend(latest.into_iter().map(|state| (project, Arc::new(state))));
+                Ok(())
+            }
+
             /// Fires `limit_reached` prompts for the `consume`s of a group
             /// that were denied at a hard limit (nothing else changed, so
             /// `billing_effects` saw nothing), for each one's acting user.

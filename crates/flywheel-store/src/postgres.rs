@@ -1352,24 +1352,8 @@ impl Store for PgStore {
                     .zip(saved)
                     .map(|(key, saved)| saved.unwrap_or_else(|| before[key].clone()))
                     .collect();
-                let changes: Vec<(&OrgState, &OrgState)> = latest
-                    .iter()
-                    .map(|after| (&before[&(*project, after.org_id.clone())], after))
-                    .collect();
-                let now = group.iter().map(|request| request.now).max().expect("a group is never empty");
-                let actors = crate::request_actors(requests, *project);
-                commit.outbox |= growth_impl::billing_effects_by(
-                    &mut tx,
-                    *project,
-                    &group[0].billing,
-                    &changes,
-                    &actors,
-                    now,
-                )
-                .await?;
-                commit
-                    .orgs
-                    .extend(latest.into_iter().map(|state| (*project, std::sync::Arc::new(state))));
+                growth_impl::org_group_effects(&mut tx, *project, group, requests, &before, latest, &mut commit)
+                    .await?;
             }
             commit.outbox |=
                 growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;

@@ -1457,27 +1457,16 @@ impl Store for SqliteStore {
                     .map(|key| (&before[key], states.remove(key).expect("listed above")))
                     .collect();
                 let saved = save_orgs_in(&mut tx, &project.0.to_string(), writes).await?;
-                let group = &by_project[project];
-                let now = group.iter().map(|request| request.now).max().expect("a group is never empty");
-                let changes: Vec<(&OrgState, &OrgState)> = saved
-                    .iter()
-                    .map(|after| (&before[&(*project, after.org_id.clone())], after))
-                    .collect();
-                let actors = crate::request_actors(requests, *project);
-                commit.outbox |= growth_impl::billing_effects_by(
+                growth_impl::org_group_effects(
                     &mut tx,
                     *project,
-                    &group[0].billing,
-                    &changes,
-                    &actors,
-                    now,
+                    &by_project[project],
+                    requests,
+                    &before,
+                    saved,
+                    &mut commit,
                 )
                 .await?;
-                // Changed or not, each is the latest committed state (this
-                // transaction held the write lock): it refreshes caches.
-                commit
-                    .orgs
-                    .extend(saved.into_iter().map(|state| (*project, std::sync::Arc::new(state))));
             }
             commit.outbox |=
                 growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;
