@@ -209,6 +209,33 @@ pub(crate) fn denied_consumes<'a>(
         .collect()
 }
 
+/// A group commit's requests by project, projects in order (the order in
+/// which both backends lock and write them).
+pub(crate) fn requests_by_project(
+    requests: &[OrgRequest],
+) -> std::collections::BTreeMap<ProjectId, Vec<&OrgRequest>> {
+    let mut by_project: std::collections::BTreeMap<ProjectId, Vec<&OrgRequest>> =
+        std::collections::BTreeMap::new();
+    for request in requests {
+        by_project.entry(request.project).or_default().push(request);
+    }
+    by_project
+}
+
+/// The orgs one project's requests name, each paired with the time of the
+/// first request naming it: a new org is created as of then.
+pub(crate) fn orgs_as_of_first_request(
+    group: &[&OrgRequest],
+) -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+    let mut orgs: Vec<(String, chrono::DateTime<chrono::Utc>)> = Vec::new();
+    for request in group {
+        if !orgs.iter().any(|(org, _)| *org == request.org_id) {
+            orgs.push((request.org_id.clone(), request.now));
+        }
+    }
+    orgs
+}
+
 /// The user acting in each org's latest request of `project` that names one.
 pub(crate) fn request_actors(
     requests: &[OrgRequest],

@@ -1399,10 +1399,7 @@ impl Store for SqliteStore {
         timed(Backend::Sqlite, "execute_org_requests", async {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
             // Set-wise per project: a few statements per group, not per request.
-            let mut by_project: BTreeMap<ProjectId, Vec<&OrgRequest>> = BTreeMap::new();
-            for request in requests {
-                by_project.entry(request.project).or_default().push(request);
-            }
+            let by_project = crate::requests_by_project(requests);
             let mut replies = HashMap::new();
             let mut states = HashMap::new();
             for (project, group) in &by_project {
@@ -1429,13 +1426,7 @@ impl Store for SqliteStore {
                         );
                     }
                 }
-                // A new org is created as of the first request naming it.
-                let mut orgs: Vec<(String, DateTime<Utc>)> = Vec::new();
-                for request in group {
-                    if !orgs.iter().any(|(org, _)| *org == request.org_id) {
-                        orgs.push((request.org_id.clone(), request.now));
-                    }
-                }
+                let orgs = crate::orgs_as_of_first_request(group);
                 for (org, state) in load_orgs_in(&mut tx, &id, &orgs).await? {
                     states.insert((*project, org), state);
                 }
