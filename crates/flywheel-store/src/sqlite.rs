@@ -1439,7 +1439,7 @@ impl Store for SqliteStore {
                 orgs: Vec::new(),
                 outbox: false,
             };
-            for project in by_project.keys() {
+            for (project, group) in &by_project {
                 let mut keys: Vec<(ProjectId, String)> =
                     states.keys().filter(|(p, _)| p == project).cloned().collect();
                 keys.sort();
@@ -1451,7 +1451,7 @@ impl Store for SqliteStore {
                 growth_impl::org_group_effects(
                     &mut tx,
                     *project,
-                    &by_project[project],
+                    group,
                     requests,
                     &before,
                     saved,
