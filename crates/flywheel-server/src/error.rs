@@ -261,15 +261,21 @@ fn has_json_content_type(headers: &axum::http::HeaderMap) -> bool {
     else {
         return false;
     };
-    // Compared without lowercasing a copy: this runs on every JSON request.
-    let essence = value.split(';').next().unwrap_or("").trim();
-    let (kind, subtype) = essence.split_at_checked(12).unwrap_or((essence, ""));
-    kind.eq_ignore_ascii_case("application/")
-        && (subtype.eq_ignore_ascii_case("json")
-            || (subtype.len() >= 5
-                && subtype
-                    .get(subtype.len() - 5..)
-                    .is_some_and(|end| end.eq_ignore_ascii_case("+json"))))
+    // Compared as bytes, without lowercasing a copy: this runs on every
+    // JSON request.
+    let essence = value.split(';').next().unwrap_or("").trim().as_bytes();
+    let Some(subtype) = essence
+        .get(..12)
+        .filter(|kind| kind.eq_ignore_ascii_case(b"application/"))
+        .and(essence.get(12..))
+    else {
+        return false;
+    };
+    subtype.eq_ignore_ascii_case(b"json")
+        || subtype
+            .len()
+            .checked_sub(5)
+            .is_some_and(|at| subtype[at..].eq_ignore_ascii_case(b"+json"))
 }
 
 impl<T> std::ops::Deref for ApiJson<T> {

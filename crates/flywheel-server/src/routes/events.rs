@@ -28,8 +28,7 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::SecretKey;
-use crate::error::ApiJson;
-use crate::error::{ApiError, ApiQuery, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::ingest::{self, IngestOutcome};
 use crate::state::AppState;
 

@@ -8,8 +8,7 @@ use axum::Router;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::ApiJson;
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {

@@ -26,8 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AnyKey;
-use crate::error::ApiJson;
-use crate::error::{ApiError, ApiQuery, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorEnvelope};
 use crate::ingest::ingest;
 use crate::state::AppState;
 

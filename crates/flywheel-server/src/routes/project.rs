@@ -9,8 +9,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::AnyKey;
-use crate::error::ApiJson;
-use crate::error::ErrorEnvelope;
+use crate::error::{ApiJson, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {

@@ -24,8 +24,7 @@ use flywheel_store::{Billing, OrgRequest, OrgResult};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::ApiJson;
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::error::{ApiError, ApiJson, ErrorEnvelope};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
