@@ -28,10 +28,10 @@ use flywheel_domain::schemas::EventSchema;
 use flywheel_domain::snapshot::ProjectConfig;
 use flywheel_domain::DomainError;
 
-#[macro_use]
-mod growth_sql;
 pub mod growth;
+mod growth_sql;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 pub mod sqlite_memory;
 #[cfg(feature = "testing")]
@@ -50,6 +50,28 @@ impl Backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
         }
+    }
+    /// Appended to a `SELECT` whose rows the transaction will update: SQLite's
+    /// single writer already serialises, PostgreSQL locks the rows.
+    pub(crate) fn lock(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Appended to a claim of queued work, so that nodes claim different rows.
+    pub(crate) fn skip_locked(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// Whether a number taken from a sequence can commit after a larger one
+    /// (PostgreSQL's identity columns), so a cursor must look back.
+    pub(crate) fn late_commits(self) -> bool {
+        matches!(self, Backend::Postgres)
     }
 }
 

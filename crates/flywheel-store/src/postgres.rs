@@ -27,6 +27,9 @@ use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::number_events;
+use crate::sql::{
+    bind_pg, Done, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn, Tx, TxHandle, WriteConn,
+};
 use crate::{
     apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
     plan_links, plan_org_write, plan_traits, redact_url, run_org_requests, timed, Backend, Billing,
@@ -155,12 +158,21 @@ impl PgStore {
         };
         let activation = crate::compile_stored_rules(
             project.id,
-            growth_impl::latest_versioned(&self.pool, "activation_rule_versions", project.id)
-                .await?,
+            crate::growth_sql::latest_versioned(
+                &mut *self.reader().await?,
+                "activation_rule_versions",
+                project.id,
+            )
+            .await?,
         );
         let prompts = crate::compile_stored_rules(
             project.id,
-            growth_impl::latest_versioned(&self.pool, "prompt_rule_versions", project.id).await?,
+            crate::growth_sql::latest_versioned(
+                &mut *self.reader().await?,
+                "prompt_rule_versions",
+                project.id,
+            )
+            .await?,
         );
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
@@ -354,7 +366,7 @@ async fn commit_batch(
         .iter()
         .any(|(_, event)| event.event.starts_with("$prompt_"))
     {
-        growth_impl::apply_prompt_actions(tx, batch.project, &fresh).await?;
+        crate::growth_sql::apply_prompt_actions(tx, batch.project, &fresh).await?;
     }
     if let Some(billing) = &batch.billing {
         let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
@@ -365,9 +377,14 @@ async fn commit_batch(
         }
     }
     if let Some(rules) = &batch.activation {
-        let derived =
-            growth_impl::apply_activation(tx, batch.project, rules, &fresh, batch.billing.as_ref())
-                .await?;
+        let derived = crate::growth_sql::apply_activation(
+            tx,
+            batch.project,
+            rules,
+            &fresh,
+            batch.billing.as_ref(),
+        )
+        .await?;
         if !derived.is_empty() {
             *outbox = true;
             let encoded = number_events(derived, &mut next)?;
@@ -1341,11 +1358,11 @@ impl Store for PgStore {
                     .zip(saved)
                     .map(|(key, saved)| saved.unwrap_or_else(|| before[key].clone()))
                     .collect();
-                growth_impl::org_group_effects(&mut tx, *project, group, requests, &before, latest, &mut commit)
+                crate::growth_sql::org_group_effects(&mut *tx, *project, group, requests, &before, latest, &mut commit)
                     .await?;
             }
             commit.outbox |=
-                growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;
+                crate::growth_sql::denied_consume_prompts(&mut *tx, requests, &commit.results, &commit.orgs).await?;
             if !fresh.is_empty() {
                 let mut replies = Vec::with_capacity(fresh.len());
                 for (_, _, _, reply, _) in &fresh {
@@ -1757,124 +1774,155 @@ async fn apply_meters(
         .iter()
         .map(|state| (&before[&state.org_id], state))
         .collect();
-    let wrote =
-        growth_impl::billing_effects_by(conn, ProjectId(project), billing, &changes, &actors, now)
-            .await?;
+    let wrote = crate::growth_sql::billing_effects_by(
+        conn,
+        ProjectId(project),
+        billing,
+        &changes,
+        &actors,
+        now,
+    )
+    .await?;
     Ok((saved, wrote))
 }
 
-// The growth graph: the shared implementation (`growth_sql.rs`) and what it
-// needs from this backend.
+// What the shared SQL layer (`sql.rs`, `growth_sql.rs`) needs from this
+// backend.
 
-impl PgStore {
+#[async_trait]
+impl SqlBackend for PgStore {
     const BACKEND: Backend = Backend::Postgres;
 
-    async fn g_begin(&self) -> Result<sqlx::Transaction<'_, Postgres>, StoreError> {
-        Ok(self.pool.begin().await?)
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(Tx::new(PgTx(self.pool.begin().await?)))
     }
 
-    fn g_reader(&self) -> &PgPool {
-        &self.pool
+    async fn reader(&self) -> Result<Reader, StoreError> {
+        Ok(Box::new(PgReader(self.pool.acquire().await?)))
     }
 }
 
-/// Announces live messages to every node at commit.
-async fn g_notify_live(conn: &mut PgConnection, seqs: &[i64]) -> Result<(), StoreError> {
-    // NOTIFY payloads stop at 8,000 bytes: a few hundred numbers each.
-    for chunk in seqs.chunks(400) {
-        let payload = chunk
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(LIVE_CHANNEL)
-            .bind(payload)
-            .execute(&mut *conn)
-            .await?;
+struct PgTx(sqlx::Transaction<'static, Postgres>);
+
+#[async_trait]
+impl TxHandle for PgTx {
+    fn conn(&mut self) -> &mut (dyn WriteConn + 'static) {
+        &mut *self.0
     }
-    Ok(())
+
+    fn conn_ref(&self) -> &(dyn WriteConn + 'static) {
+        &*self.0
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
+        self.0.commit().await
+    }
 }
 
-/// Identity values can commit out of order here.
-fn g_late_commits() -> bool {
-    true
+struct PgReader(sqlx::pool::PoolConnection<Postgres>);
+
+#[async_trait]
+impl SqlConn for PgReader {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
+        SqlConn::execute(&mut *self.0, sql).await
+    }
+
+    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<SqlRow>, sqlx::Error> {
+        SqlConn::fetch_all(&mut *self.0, sql).await
+    }
+
+    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<SqlRow>, sqlx::Error> {
+        SqlConn::fetch_optional(&mut *self.0, sql).await
+    }
 }
 
-fn g_project(project: ProjectId) -> Uuid {
-    project.0
+#[async_trait]
+impl SqlConn for PgConnection {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
+        let done = bind_pg(&sql).execute(&mut *self).await?;
+        Ok(Done::new(done.rows_affected()))
+    }
+
+    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<SqlRow>, sqlx::Error> {
+        let rows = bind_pg(&sql).fetch_all(&mut *self).await?;
+        Ok(rows.into_iter().map(SqlRow::Pg).collect())
+    }
+
+    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<SqlRow>, sqlx::Error> {
+        let row = bind_pg(&sql).fetch_optional(&mut *self).await?;
+        Ok(row.map(SqlRow::Pg))
+    }
 }
 
-fn g_time(at: DateTime<Utc>) -> DateTime<Utc> {
-    at
-}
+#[async_trait]
+impl WriteConn for PgConnection {
+    async fn load_org(
+        &mut self,
+        project: ProjectId,
+        org_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<OrgState, StoreError> {
+        custom_plans(self).await?;
+        let mut states = load_orgs_in(self, project.0, &[(org_id.to_owned(), now)], true).await?;
+        states.remove(org_id).ok_or(StoreError::NotFound)
+    }
 
-fn g_opt_time(at: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
-    at
-}
+    async fn read_org(
+        &mut self,
+        project: ProjectId,
+        org_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<OrgState, StoreError> {
+        custom_plans(self).await?;
+        let mut states = load_orgs_in(self, project.0, &[(org_id.to_owned(), now)], false).await?;
+        Ok(states
+            .remove(org_id)
+            .unwrap_or_else(|| OrgState::new(org_id, now)))
+    }
 
-fn g_json(value: &serde_json::Value) -> sqlx::types::Json<serde_json::Value> {
-    sqlx::types::Json(value.clone())
-}
+    async fn save_org(
+        &mut self,
+        project: ProjectId,
+        before: &OrgState,
+        after: OrgState,
+    ) -> Result<OrgState, StoreError> {
+        Ok(save_org_in(self, project.0, before, after)
+            .await?
+            .unwrap_or_else(|| before.clone()))
+    }
 
-fn g_read_time(row: &PgRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
-    Ok(row.try_get(column)?)
-}
+    /// Announces live messages to every node at commit.
+    async fn notify_live(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
+        // NOTIFY payloads stop at 8,000 bytes: a few hundred numbers each.
+        for chunk in seqs.chunks(400) {
+            let payload = chunk
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(LIVE_CHANNEL)
+                .bind(payload)
+                .execute(&mut *self)
+                .await?;
+        }
+        Ok(())
+    }
 
-fn g_read_opt_time(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    Ok(row.try_get(column)?)
+    async fn record_change(
+        &mut self,
+        project: ProjectId,
+        kind: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        PgStore::record_change(self, project, kind, now).await
+    }
 }
-
-fn g_read_json(row: &PgRow, column: &str) -> Result<serde_json::Value, StoreError> {
-    Ok(row.try_get(column)?)
-}
-
-fn g_read_project(row: &PgRow, column: &str) -> Result<ProjectId, StoreError> {
-    Ok(ProjectId(row.try_get(column)?))
-}
-
-/// The org's billing state, its row created (anchored at `now`) if missing
-/// and locked until the transaction ends.
-/// The org's billing state as committed, without creating or locking its
-/// row (a read that must not take locks out of the global order).
-async fn g_read_org(
-    conn: &mut PgConnection,
-    project: ProjectId,
-    org_id: &str,
-    now: DateTime<Utc>,
-) -> Result<OrgState, StoreError> {
-    custom_plans(conn).await?;
-    let mut states = load_orgs_in(conn, project.0, &[(org_id.to_owned(), now)], false).await?;
-    Ok(states
-        .remove(org_id)
-        .unwrap_or_else(|| OrgState::new(org_id, now)))
-}
-
-async fn g_load_org(
-    conn: &mut PgConnection,
-    project: ProjectId,
-    org_id: &str,
-    now: DateTime<Utc>,
-) -> Result<OrgState, StoreError> {
-    custom_plans(conn).await?;
-    let mut states = load_orgs_in(conn, project.0, &[(org_id.to_owned(), now)], true).await?;
-    states.remove(org_id).ok_or(StoreError::NotFound)
-}
-
-async fn g_save_org(
-    conn: &mut PgConnection,
-    project: ProjectId,
-    before: &OrgState,
-    after: OrgState,
-) -> Result<OrgState, StoreError> {
-    Ok(save_org_in(conn, project.0, before, after)
-        .await?
-        .unwrap_or_else(|| before.clone()))
-}
-
-growth_store_impl!(
-    PgStore,
-    Postgres,
-    lock = " FOR UPDATE",
-    skip_locked = " FOR UPDATE SKIP LOCKED"
-);

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use flywheel_domain::events::{Effect, Event};
 use flywheel_domain::flags::{
     compile_entries, CurrentFlagEntry, FlagAction, FlagChange, FlagEntryKind, FlagVersion,
@@ -30,6 +30,10 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::number_events;
+use crate::sql::{
+    bind_sqlite, micros_to_time, Done, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn, Tx,
+    TxHandle, WriteConn,
+};
 use crate::{
     apply_readings, compile_stored_catalog, distinct_projects, meter_inputs, plan_flag_version,
     plan_links, plan_org_write, plan_traits, run_org_requests, timed, Backend, Billing,
@@ -203,12 +207,21 @@ impl SqliteStore {
         };
         let activation = crate::compile_stored_rules(
             project.id,
-            growth_impl::latest_versioned(&self.reader, "activation_rule_versions", project.id)
-                .await?,
+            crate::growth_sql::latest_versioned(
+                &mut *self.reader().await?,
+                "activation_rule_versions",
+                project.id,
+            )
+            .await?,
         );
         let prompts = crate::compile_stored_rules(
             project.id,
-            growth_impl::latest_versioned(&self.reader, "prompt_rule_versions", project.id).await?,
+            crate::growth_sql::latest_versioned(
+                &mut *self.reader().await?,
+                "prompt_rule_versions",
+                project.id,
+            )
+            .await?,
         );
         Ok(ProjectConfig {
             catalog: compile_stored_catalog(project.id, document),
@@ -267,14 +280,6 @@ impl SqliteStore {
             .await?;
         rows.iter().map(key_from_row).collect()
     }
-}
-
-fn micros_to_time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
-    Utc.timestamp_micros(micros).single().ok_or_else(|| {
-        StoreError::internal(sqlx::Error::Decode(
-            format!("timestamp {micros} out of range").into(),
-        ))
-    })
 }
 
 fn flag_kind(row: &SqliteRow) -> Result<FlagEntryKind, StoreError> {
@@ -432,7 +437,7 @@ async fn commit_batch(
         .iter()
         .any(|(_, event)| event.event.starts_with("$prompt_"))
     {
-        growth_impl::apply_prompt_actions(tx, batch.project, &fresh).await?;
+        crate::growth_sql::apply_prompt_actions(tx, batch.project, &fresh).await?;
     }
     if let Some(billing) = &batch.billing {
         let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
@@ -443,9 +448,14 @@ async fn commit_batch(
         }
     }
     if let Some(rules) = &batch.activation {
-        let derived =
-            growth_impl::apply_activation(tx, batch.project, rules, &fresh, batch.billing.as_ref())
-                .await?;
+        let derived = crate::growth_sql::apply_activation(
+            tx,
+            batch.project,
+            rules,
+            &fresh,
+            batch.billing.as_ref(),
+        )
+        .await?;
         if !derived.is_empty() {
             *outbox = true;
             let encoded = number_events(derived, &mut next)?;
@@ -1448,8 +1458,8 @@ impl Store for SqliteStore {
                     .map(|key| (&before[key], states.remove(key).expect("listed above")))
                     .collect();
                 let saved = save_orgs_in(&mut tx, &project.0.to_string(), writes).await?;
-                growth_impl::org_group_effects(
-                    &mut tx,
+                crate::growth_sql::org_group_effects(
+                    &mut *tx,
                     *project,
                     group,
                     requests,
@@ -1460,7 +1470,7 @@ impl Store for SqliteStore {
                 .await?;
             }
             commit.outbox |=
-                growth_impl::denied_consume_prompts(&mut tx, requests, &commit.results, &commit.orgs).await?;
+                crate::growth_sql::denied_consume_prompts(&mut *tx, requests, &commit.results, &commit.orgs).await?;
             for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
                 let mut rows = Vec::with_capacity(chunk.len());
                 for (project, key, fingerprint, reply, at) in chunk {
@@ -1782,7 +1792,8 @@ async fn apply_meters(
     let project_id = ProjectId(uuid::Uuid::parse_str(project).map_err(StoreError::internal)?);
     let actors = crate::event_actors(events);
     let wrote =
-        growth_impl::billing_effects_by(conn, project_id, billing, &changes, &actors, now).await?;
+        crate::growth_sql::billing_effects_by(conn, project_id, billing, &changes, &actors, now)
+            .await?;
     // Only the orgs the events changed (the others were only read).
     let changed = saved
         .into_iter()
@@ -1791,117 +1802,149 @@ async fn apply_meters(
     Ok((changed, wrote))
 }
 
-// The growth graph: the shared implementation (`growth_sql.rs`) and what it
-// needs from this backend.
+// What the shared SQL layer (`sql.rs`, `growth_sql.rs`) needs from this
+// backend.
 
-impl SqliteStore {
+#[async_trait]
+impl SqlBackend for SqliteStore {
     const BACKEND: Backend = Backend::Sqlite;
 
-    async fn g_begin(&self) -> Result<sqlx::Transaction<'_, Sqlite>, StoreError> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(Tx::new(SqliteTx(
+            self.writer.begin_with("BEGIN IMMEDIATE").await?,
+        )))
     }
 
-    fn g_reader(&self) -> &SqlitePool {
-        &self.reader
+    async fn reader(&self) -> Result<Reader, StoreError> {
+        Ok(Box::new(SqliteReader(self.reader.acquire().await?)))
     }
 }
 
-/// The single writer numbers live messages in commit order; this node is
-/// woken by the outbox signal, and nothing else needs telling.
-async fn g_notify_live(_conn: &mut SqliteConnection, _seqs: &[i64]) -> Result<(), StoreError> {
-    Ok(())
+struct SqliteTx(sqlx::Transaction<'static, Sqlite>);
+
+#[async_trait]
+impl TxHandle for SqliteTx {
+    fn conn(&mut self) -> &mut (dyn WriteConn + 'static) {
+        &mut *self.0
+    }
+
+    fn conn_ref(&self) -> &(dyn WriteConn + 'static) {
+        &*self.0
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
+        self.0.commit().await
+    }
 }
 
-/// Numbers commit in order under the single writer.
-fn g_late_commits() -> bool {
-    false
+struct SqliteReader(sqlx::pool::PoolConnection<Sqlite>);
+
+#[async_trait]
+impl SqlConn for SqliteReader {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
+        SqlConn::execute(&mut *self.0, sql).await
+    }
+
+    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<SqlRow>, sqlx::Error> {
+        SqlConn::fetch_all(&mut *self.0, sql).await
+    }
+
+    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<SqlRow>, sqlx::Error> {
+        SqlConn::fetch_optional(&mut *self.0, sql).await
+    }
 }
 
-fn g_project(project: ProjectId) -> String {
-    project.0.to_string()
+#[async_trait]
+impl SqlConn for SqliteConnection {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
+        let done = bind_sqlite(&sql).execute(&mut *self).await?;
+        Ok(Done::new(done.rows_affected()))
+    }
+
+    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<SqlRow>, sqlx::Error> {
+        let rows = bind_sqlite(&sql).fetch_all(&mut *self).await?;
+        Ok(rows.into_iter().map(SqlRow::Sqlite).collect())
+    }
+
+    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<SqlRow>, sqlx::Error> {
+        let row = bind_sqlite(&sql).fetch_optional(&mut *self).await?;
+        Ok(row.map(SqlRow::Sqlite))
+    }
 }
 
-fn g_time(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
-}
+#[async_trait]
+impl WriteConn for SqliteConnection {
+    /// The writer transaction already holds SQLite's lock.
+    async fn load_org(
+        &mut self,
+        project: ProjectId,
+        org_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<OrgState, StoreError> {
+        let id = project.0.to_string();
+        sqlx::query(
+            "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
+             VALUES (?, ?, ?, NULL, '{}', 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(&id)
+        .bind(org_id)
+        .bind(now.timestamp_micros())
+        .execute(&mut *self)
+        .await?;
+        let mut states = load_orgs_in(self, &id, &[(org_id.to_owned(), now)]).await?;
+        states
+            .remove(org_id)
+            .ok_or_else(|| StoreError::internal(UnknownValue(org_id.to_owned())))
+    }
 
-fn g_opt_time(at: Option<DateTime<Utc>>) -> Option<i64> {
-    at.map(|at| at.timestamp_micros())
-}
+    async fn read_org(
+        &mut self,
+        project: ProjectId,
+        org_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<OrgState, StoreError> {
+        let mut states =
+            load_orgs_in(self, &project.0.to_string(), &[(org_id.to_owned(), now)]).await?;
+        Ok(states
+            .remove(org_id)
+            .unwrap_or_else(|| OrgState::new(org_id, now)))
+    }
 
-fn g_json(value: &serde_json::Value) -> String {
-    value.to_string()
-}
+    async fn save_org(
+        &mut self,
+        project: ProjectId,
+        before: &OrgState,
+        after: OrgState,
+    ) -> Result<OrgState, StoreError> {
+        let mut saved = save_orgs_in(self, &project.0.to_string(), vec![(before, after)]).await?;
+        saved
+            .pop()
+            .ok_or_else(|| StoreError::internal(UnknownValue(before.org_id.clone())))
+    }
 
-fn g_read_time(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
-    micros_to_time(row.try_get(column)?)
-}
+    /// The single writer numbers live messages in commit order; this node is
+    /// woken by the outbox signal, and nothing else needs telling.
+    async fn notify_live(&mut self, _seqs: &[i64]) -> Result<(), StoreError> {
+        Ok(())
+    }
 
-fn g_read_opt_time(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    row.try_get::<Option<i64>, _>(column)?
-        .map(micros_to_time)
-        .transpose()
+    async fn record_change(
+        &mut self,
+        project: ProjectId,
+        kind: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        SqliteStore::record_change(self, project, kind, now).await
+    }
 }
-
-fn g_read_json(row: &SqliteRow, column: &str) -> Result<serde_json::Value, StoreError> {
-    from_json_text(&row.try_get::<String, _>(column)?)
-}
-
-fn g_read_project(row: &SqliteRow, column: &str) -> Result<ProjectId, StoreError> {
-    Ok(ProjectId(uuid_column(row, column)?))
-}
-
-/// The org's billing state, its row created (anchored at `now`) if missing.
-/// The writer transaction already holds SQLite's lock.
-/// The org's billing state as committed, without creating its row.
-async fn g_read_org(
-    conn: &mut SqliteConnection,
-    project: ProjectId,
-    org_id: &str,
-    now: DateTime<Utc>,
-) -> Result<OrgState, StoreError> {
-    let mut states =
-        load_orgs_in(conn, &project.0.to_string(), &[(org_id.to_owned(), now)]).await?;
-    Ok(states
-        .remove(org_id)
-        .unwrap_or_else(|| OrgState::new(org_id, now)))
-}
-
-async fn g_load_org(
-    conn: &mut SqliteConnection,
-    project: ProjectId,
-    org_id: &str,
-    now: DateTime<Utc>,
-) -> Result<OrgState, StoreError> {
-    let id = project.0.to_string();
-    sqlx::query(
-        "INSERT INTO orgs (project_id, org_id, created_at, subscription, overrides, version) \
-         VALUES (?, ?, ?, NULL, '{}', 0) ON CONFLICT DO NOTHING",
-    )
-    .bind(&id)
-    .bind(org_id)
-    .bind(now.timestamp_micros())
-    .execute(&mut *conn)
-    .await?;
-    let mut states = load_orgs_in(conn, &id, &[(org_id.to_owned(), now)]).await?;
-    states
-        .remove(org_id)
-        .ok_or_else(|| StoreError::internal(UnknownValue(org_id.to_owned())))
-}
-
-async fn g_save_org(
-    conn: &mut SqliteConnection,
-    project: ProjectId,
-    before: &OrgState,
-    after: OrgState,
-) -> Result<OrgState, StoreError> {
-    let mut saved = save_orgs_in(conn, &project.0.to_string(), vec![(before, after)]).await?;
-    saved
-        .pop()
-        .ok_or_else(|| StoreError::internal(UnknownValue(before.org_id.clone())))
-}
-
-growth_store_impl!(SqliteStore, Sqlite, lock = "", skip_locked = "");
 
 #[cfg(test)]
 mod checkpoint_tests {
