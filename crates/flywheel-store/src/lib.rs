@@ -29,7 +29,6 @@ use flywheel_domain::snapshot::ProjectConfig;
 use flywheel_domain::DomainError;
 
 pub mod growth;
-mod growth_sql;
 pub mod postgres;
 mod sql;
 pub mod sqlite;

@@ -158,7 +158,7 @@ impl PgStore {
         };
         let activation = crate::compile_stored_rules(
             project.id,
-            crate::growth_sql::latest_versioned(
+            crate::growth::activation::latest_versioned(
                 &mut *self.reader().await?,
                 "activation_rule_versions",
                 project.id,
@@ -167,7 +167,7 @@ impl PgStore {
         );
         let prompts = crate::compile_stored_rules(
             project.id,
-            crate::growth_sql::latest_versioned(
+            crate::growth::activation::latest_versioned(
                 &mut *self.reader().await?,
                 "prompt_rule_versions",
                 project.id,
@@ -366,7 +366,7 @@ async fn commit_batch(
         .iter()
         .any(|(_, event)| event.event.starts_with("$prompt_"))
     {
-        crate::growth_sql::apply_prompt_actions(tx, batch.project, &fresh).await?;
+        crate::growth::prompts::apply_prompt_actions(tx, batch.project, &fresh).await?;
     }
     if let Some(billing) = &batch.billing {
         let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
@@ -377,7 +377,7 @@ async fn commit_batch(
         }
     }
     if let Some(rules) = &batch.activation {
-        let derived = crate::growth_sql::apply_activation(
+        let derived = crate::growth::activation::apply_activation(
             tx,
             batch.project,
             rules,
@@ -1358,11 +1358,11 @@ impl Store for PgStore {
                     .zip(saved)
                     .map(|(key, saved)| saved.unwrap_or_else(|| before[key].clone()))
                     .collect();
-                crate::growth_sql::org_group_effects(&mut *tx, *project, group, requests, &before, latest, &mut commit)
+                crate::growth::effects::org_group_effects(&mut *tx, *project, group, requests, &before, latest, &mut commit)
                     .await?;
             }
             commit.outbox |=
-                crate::growth_sql::denied_consume_prompts(&mut *tx, requests, &commit.results, &commit.orgs).await?;
+                crate::growth::effects::denied_consume_prompts(&mut *tx, requests, &commit.results, &commit.orgs).await?;
             if !fresh.is_empty() {
                 let mut replies = Vec::with_capacity(fresh.len());
                 for (_, _, _, reply, _) in &fresh {
@@ -1774,7 +1774,7 @@ async fn apply_meters(
         .iter()
         .map(|state| (&before[&state.org_id], state))
         .collect();
-    let wrote = crate::growth_sql::billing_effects_by(
+    let wrote = crate::growth::effects::billing_effects_by(
         conn,
         ProjectId(project),
         billing,
@@ -1786,7 +1786,7 @@ async fn apply_meters(
     Ok((saved, wrote))
 }
 
-// What the shared SQL layer (`sql.rs`, `growth_sql.rs`) needs from this
+// What the shared SQL layer (`sql.rs`, `growth/`) needs from this
 // backend.
 
 #[async_trait]

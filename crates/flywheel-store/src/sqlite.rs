@@ -207,7 +207,7 @@ impl SqliteStore {
         };
         let activation = crate::compile_stored_rules(
             project.id,
-            crate::growth_sql::latest_versioned(
+            crate::growth::activation::latest_versioned(
                 &mut *self.reader().await?,
                 "activation_rule_versions",
                 project.id,
@@ -216,7 +216,7 @@ impl SqliteStore {
         );
         let prompts = crate::compile_stored_rules(
             project.id,
-            crate::growth_sql::latest_versioned(
+            crate::growth::activation::latest_versioned(
                 &mut *self.reader().await?,
                 "prompt_rule_versions",
                 project.id,
@@ -437,7 +437,7 @@ async fn commit_batch(
         .iter()
         .any(|(_, event)| event.event.starts_with("$prompt_"))
     {
-        crate::growth_sql::apply_prompt_actions(tx, batch.project, &fresh).await?;
+        crate::growth::prompts::apply_prompt_actions(tx, batch.project, &fresh).await?;
     }
     if let Some(billing) = &batch.billing {
         let events: Vec<&Event> = fresh.iter().map(|(_, event)| *event).collect();
@@ -448,7 +448,7 @@ async fn commit_batch(
         }
     }
     if let Some(rules) = &batch.activation {
-        let derived = crate::growth_sql::apply_activation(
+        let derived = crate::growth::activation::apply_activation(
             tx,
             batch.project,
             rules,
@@ -1458,7 +1458,7 @@ impl Store for SqliteStore {
                     .map(|key| (&before[key], states.remove(key).expect("listed above")))
                     .collect();
                 let saved = save_orgs_in(&mut tx, &project.0.to_string(), writes).await?;
-                crate::growth_sql::org_group_effects(
+                crate::growth::effects::org_group_effects(
                     &mut *tx,
                     *project,
                     group,
@@ -1470,7 +1470,7 @@ impl Store for SqliteStore {
                 .await?;
             }
             commit.outbox |=
-                crate::growth_sql::denied_consume_prompts(&mut *tx, requests, &commit.results, &commit.orgs).await?;
+                crate::growth::effects::denied_consume_prompts(&mut *tx, requests, &commit.results, &commit.orgs).await?;
             for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
                 let mut rows = Vec::with_capacity(chunk.len());
                 for (project, key, fingerprint, reply, at) in chunk {
@@ -1791,9 +1791,10 @@ async fn apply_meters(
         .collect();
     let project_id = ProjectId(uuid::Uuid::parse_str(project).map_err(StoreError::internal)?);
     let actors = crate::event_actors(events);
-    let wrote =
-        crate::growth_sql::billing_effects_by(conn, project_id, billing, &changes, &actors, now)
-            .await?;
+    let wrote = crate::growth::effects::billing_effects_by(
+        conn, project_id, billing, &changes, &actors, now,
+    )
+    .await?;
     // Only the orgs the events changed (the others were only read).
     let changed = saved
         .into_iter()
@@ -1802,7 +1803,7 @@ async fn apply_meters(
     Ok((changed, wrote))
 }
 
-// What the shared SQL layer (`sql.rs`, `growth_sql.rs`) needs from this
+// What the shared SQL layer (`sql.rs`, `growth/`) needs from this
 // backend.
 
 #[async_trait]

@@ -4,7 +4,7 @@
 //! /v1/decide`, `GET /v1/stream`, `GET /v1/project/identity-secret`.
 //!
 //! Prompts are created by the store in the transaction of their trigger
-//! (see `growth_sql.rs`, `raise_prompts`); this module lists them, records
+//! (see `flywheel-store`'s `growth/prompts.rs`, `raise_prompts`); this module lists them, records
 //! what the product did with them (as `$prompt_*` events, applied to the
 //! prompt in the events' transaction), and streams them live.
 
