@@ -12,7 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Value};
 
 use super::catalog::{Catalog, FeatureKind};
-use super::org::OrgState;
+use super::org::{OrgState, SubscriptionStatus};
+use crate::prompts::TriggerFact;
 
 /// One thing a billing write announces.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,4 +125,96 @@ pub fn billing_notices(
         }
     }
     notices
+}
+
+/// Everything one org's billing change implies beyond its rows, decided
+/// from the state before and after the write at one instant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeEffects {
+    /// Webhooks (`type`, `data`); each also reaches the org's live streams
+    /// as an `entitlements` message ([`entitlements_message`]).
+    pub webhooks: Vec<(&'static str, Value)>,
+    /// What may fire prompt rules (for the org's acting user, else its owner).
+    pub triggers: Vec<TriggerFact>,
+    /// The plan the org converted to from the default plan: its owner's
+    /// referral `converted` event.
+    pub converted_to: Option<String>,
+    /// The plan to credit to the org's most recently clicked prompt: an
+    /// upgrade, or a first conversion even where the catalog's order does
+    /// not call it an upgrade.
+    pub credit_plan: Option<String>,
+}
+
+/// What a write that took `before` to `after` implies; nothing when the
+/// write changed nothing (`version` unchanged).
+pub fn change_effects(
+    catalog: &Catalog,
+    grace: Duration,
+    before: &OrgState,
+    after: &OrgState,
+    now: DateTime<Utc>,
+) -> ChangeEffects {
+    let mut effects = ChangeEffects::default();
+    if before.version == after.version {
+        return effects;
+    }
+    let mut upgraded_to = None;
+    for notice in billing_notices(catalog, grace, before, after, now) {
+        match notice {
+            BillingNotice::Webhook { event_type, data } => {
+                let feature = data
+                    .get("feature")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                match (event_type, feature) {
+                    ("usage.warning", Some(feature)) => {
+                        effects.triggers.push(TriggerFact::UsageWarning { feature })
+                    }
+                    ("usage.limit_reached", Some(feature)) => {
+                        effects.triggers.push(TriggerFact::LimitReached {
+                            feature,
+                            denied: false,
+                        })
+                    }
+                    ("subscription.changed", _)
+                        if data.get("upgrade") == Some(&Value::Bool(true)) =>
+                    {
+                        upgraded_to = data.get("plan").and_then(Value::as_str).map(str::to_owned);
+                    }
+                    _ => {}
+                }
+                effects.webhooks.push((event_type, data));
+            }
+            BillingNotice::Converted { to_plan, .. } => effects.converted_to = Some(to_plan),
+        }
+    }
+    effects.credit_plan = upgraded_to.or_else(|| effects.converted_to.clone());
+    let status = |state: &OrgState| state.subscription.as_ref().map(|s| s.status);
+    let (was, is) = (status(before), status(after));
+    if is == Some(SubscriptionStatus::Trialing) && was != is {
+        let ends_at = after.subscription.as_ref().and_then(|s| s.trial_ends_at);
+        effects.triggers.push(TriggerFact::TrialEnding { ends_at });
+    }
+    if is == Some(SubscriptionStatus::PastDue) && was != is {
+        let since = after
+            .subscription
+            .as_ref()
+            .and_then(|s| s.past_due_since)
+            .unwrap_or(now);
+        effects.triggers.push(TriggerFact::GraceEnding {
+            ends_at: since + grace,
+        });
+    }
+    effects
+}
+
+/// The live `entitlements` message of a billing webhook: its `data` with
+/// the webhook's `type`.
+pub fn entitlements_message(event_type: &str, data: &Value) -> Value {
+    let mut payload = serde_json::Map::new();
+    payload.insert("type".into(), event_type.into());
+    if let Value::Object(fields) = data {
+        payload.extend(fields.clone());
+    }
+    payload.into()
 }

@@ -1069,6 +1069,125 @@ mod notices {
     use super::*;
     use crate::billing::notice::{billing_notices, BillingNotice};
 
+    /// `after` as the store saves it: a changed state has a new version.
+    fn saved(mut after: OrgState, before: &OrgState) -> OrgState {
+        after.version = before.version + 1;
+        after
+    }
+
+    #[test]
+    fn change_effects_turn_usage_lines_into_webhooks_and_prompt_triggers() {
+        use crate::billing::notice::{change_effects, entitlements_message};
+        use crate::prompts::TriggerFact;
+        let c = catalog();
+        let mut state = org("2026-01-10T00:00:00Z");
+        assert!(consume(
+            &mut state,
+            &c,
+            "api_calls",
+            4,
+            "2026-01-11T00:00:00Z"
+        ));
+        let before = state.clone();
+        assert!(consume(
+            &mut state,
+            &c,
+            "api_calls",
+            1,
+            "2026-01-11T00:00:01Z"
+        ));
+        let now = at("2026-01-11T00:00:01Z");
+        // Unsaved (same version): the write changed nothing.
+        assert_eq!(
+            change_effects(&c, GRACE, &before, &state, now),
+            Default::default()
+        );
+        let effects = change_effects(&c, GRACE, &before, &saved(state, &before), now);
+        let types: Vec<&str> = effects.webhooks.iter().map(|(t, _)| *t).collect();
+        assert_eq!(types, ["usage.limit_reached"]);
+        assert_eq!(
+            effects.triggers,
+            [TriggerFact::LimitReached {
+                feature: "api_calls".into(),
+                denied: false
+            }]
+        );
+        assert_eq!((effects.converted_to, effects.credit_plan), (None, None));
+        let message = entitlements_message(effects.webhooks[0].0, &effects.webhooks[0].1);
+        assert_eq!(message["type"], "usage.limit_reached");
+        assert_eq!(message["feature"], "api_calls");
+        assert_eq!(message["used"], 5);
+    }
+
+    #[test]
+    fn change_effects_credit_an_upgrade_and_a_first_conversion() {
+        use crate::billing::notice::change_effects;
+        let c = catalog();
+        let state = org("2026-01-31T00:00:00Z");
+        let mut pro = state.clone();
+        let now = at("2026-01-31T12:00:00Z");
+        let to = |plan: &str| OrgCommand::ChangePlan {
+            plan: plan.into(),
+            timing: None,
+        };
+        pro.execute(&c, &to("pro"), GRACE, now).unwrap();
+        let pro = saved(pro, &state);
+        let effects = change_effects(&c, GRACE, &state, &pro, now);
+        assert_eq!(effects.converted_to.as_deref(), Some("pro"));
+        assert_eq!(effects.credit_plan.as_deref(), Some("pro"));
+        assert!(effects.triggers.is_empty());
+        // pro → scale is an upgrade but no longer a conversion.
+        let mut scale = pro.clone();
+        scale.execute(&c, &to("scale"), GRACE, now).unwrap();
+        let effects = change_effects(&c, GRACE, &pro, &saved(scale, &pro), now);
+        assert_eq!(effects.converted_to, None);
+        assert_eq!(effects.credit_plan.as_deref(), Some("scale"));
+    }
+
+    #[test]
+    fn change_effects_announce_a_grace_period_ending_after_the_grace() {
+        use crate::billing::notice::change_effects;
+        use crate::prompts::TriggerFact;
+        let c = catalog();
+        let mut active = org("2026-02-28T00:00:00Z");
+        let now = at("2026-02-28T10:00:00Z");
+        let command = OrgCommand::ChangePlan {
+            plan: "pro".into(),
+            timing: None,
+        };
+        active.execute(&c, &command, GRACE, now).unwrap();
+        let mut past_due = active.clone();
+        let command = OrgCommand::SetStatus {
+            status: SubscriptionStatus::PastDue,
+        };
+        past_due.execute(&c, &command, GRACE, now).unwrap();
+        let past_due = saved(past_due, &active);
+        let effects = change_effects(&c, GRACE, &active, &past_due, now);
+        assert!(effects.triggers.contains(&TriggerFact::GraceEnding {
+            ends_at: now + GRACE
+        }));
+        // Staying past due fires nothing again.
+        let mut again = past_due.clone();
+        assert!(consume(
+            &mut again,
+            &c,
+            "api_calls",
+            1,
+            "2026-02-28T11:00:00Z"
+        ));
+        let effects = change_effects(
+            &c,
+            GRACE,
+            &past_due,
+            &saved(again, &past_due),
+            at("2026-02-28T11:00:00Z"),
+        );
+        assert!(!effects
+            .triggers
+            .iter()
+            .any(|t| matches!(t, TriggerFact::GraceEnding { .. })));
+    }
+
     fn types(notices: &[BillingNotice]) -> Vec<&str> {
         notices
             .iter()

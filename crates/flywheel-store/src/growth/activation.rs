@@ -96,15 +96,13 @@ pub(crate) async fn latest_versioned(
     }
 }
 
-/// Follows the project's activation rules over a batch's new
-/// events, in their transaction: counts the events rules name
-/// per user and org, and the first event that brings a subject
-/// to a rule (inside its window) records the milestone, a
-/// `milestone.reached` webhook and, for the activation
-/// definition and a user, the `activated` referral event.
-/// Returns the derived events to append after the batch. A
-/// milestone's primary key makes it first-time-only; retried
-/// events are duplicates and never reach here.
+/// Advances activation with a batch's new events, in their transaction:
+/// loads each touched subject's counters, milestones, signup and (for org
+/// rules on usage) metered usage; lets the domain's
+/// [`flywheel_domain::activation::advance`] decide; writes the milestones
+/// (each with a `milestone.reached` webhook, an `activated` referral event
+/// for the activation rule, and the prompts it fires) and the counters.
+/// Returns the derived events to number after the batch.
 pub(crate) async fn apply_activation(
     conn: &mut Conn,
     project: ProjectId,
@@ -112,278 +110,189 @@ pub(crate) async fn apply_activation(
     fresh: &[(i64, &flywheel_domain::events::Event)],
     billing: Option<&crate::Billing>,
 ) -> Result<Vec<flywheel_domain::events::Event>, StoreError> {
-    use flywheel_domain::activation::{derived_events, Measure, Milestone, Scope};
-    use flywheel_domain::events::EventType;
-    use std::collections::{BTreeSet, HashMap, HashSet};
-
-    struct Subject {
-        counts: HashMap<String, (i64, DateTime<Utc>)>,
-        dirty: BTreeSet<String>,
-        reached: HashSet<String>,
-        signed_up_at: Option<DateTime<Utc>>,
-        usage: HashMap<String, i64>,
-    }
-    let counted = rules.counted_events();
-    let has_scope = |scope: Scope| rules.rules.iter().any(|rule| rule.scope == scope);
-    let org_features: BTreeSet<&str> = rules
-        .rules
-        .iter()
-        .filter(|rule| rule.scope == Scope::Org)
-        .flat_map(|rule| &rule.conditions)
-        .filter_map(|condition| match &condition.measure {
-            Measure::Feature(name) => Some(name.as_str()),
-            Measure::Event(_) => None,
-        })
-        .collect();
-    let (users, orgs) = (has_scope(Scope::User), has_scope(Scope::Org));
-    let mut touches: Vec<(usize, Scope, &str)> = Vec::new();
-    for (i, (_, event)) in fresh.iter().enumerate() {
-        if event.kind != EventType::Track {
-            continue;
-        }
-        let named = counted.contains(event.event.as_str());
-        if let (true, true, Some(user)) = (named, users, &event.user_id) {
-            touches.push((i, Scope::User, user));
-        }
-        if let (true, Some(org)) = (named || !org_features.is_empty(), &event.org_id) {
-            if orgs {
-                touches.push((i, Scope::Org, org));
-            }
-        }
-    }
+    use flywheel_domain::activation::{advance, derived_events, measured_features, touches, Scope};
+    let events: Vec<&flywheel_domain::events::Event> = fresh.iter().map(|(_, e)| *e).collect();
+    let touches = touches(rules, &events);
     if touches.is_empty() {
         return Ok(Vec::new());
     }
-    let now = fresh
+    let now = events
         .iter()
-        .map(|(_, event)| event.received_at)
+        .map(|event| event.received_at)
         .max()
         .expect("touched");
-    let mut subjects: HashMap<(Scope, &str), Subject> = HashMap::new();
-    for &(_, scope, id) in &touches {
-        if subjects.contains_key(&(scope, id)) {
-            continue;
+    let features = measured_features(rules);
+    let mut subjects = HashMap::new();
+    for touch in &touches {
+        let key = (touch.scope, touch.subject_id.to_owned());
+        if let std::collections::hash_map::Entry::Vacant(slot) = subjects.entry(key) {
+            let loaded = load_progress(
+                &mut *conn,
+                project,
+                touch.scope,
+                touch.subject_id,
+                &features,
+                billing,
+                now,
+            )
+            .await?;
+            slot.insert(loaded);
         }
-        let mut counts = HashMap::new();
-        for row in query(
-            "SELECT event, count, first_at FROM activation_counts \
-             WHERE project_id = $1 AND scope = $2 AND subject_id = $3",
-        )
-        .bind(arg_project(project))
-        .bind(scope.as_str())
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?
-        {
-            counts.insert(
-                row.try_get::<String, _>("event")?,
-                (
-                    row.try_get::<i64, _>("count")?,
-                    read_time(&row, "first_at")?,
-                ),
-            );
-        }
-        let mut reached = HashSet::new();
-        for row in query(
-            "SELECT rule FROM milestones WHERE project_id = $1 AND scope = $2 AND subject_id = $3",
-        )
-        .bind(arg_project(project))
-        .bind(scope.as_str())
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?
-        {
-            reached.insert(row.try_get::<String, _>("rule")?);
-        }
-        let signup_sql = match scope {
-            Scope::User => "SELECT created_at FROM users WHERE project_id = $1 AND user_id = $2",
-            Scope::Org => {
-                "SELECT created_at FROM org_profiles WHERE project_id = $1 AND org_id = $2"
-            }
-        };
-        let signed_up_at = match query(signup_sql)
-            .bind(arg_project(project))
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?
-        {
-            Some(row) => Some(read_time(&row, "created_at")?),
-            None => None,
-        };
-        let mut signed_up_at = signed_up_at;
-        let mut usage = HashMap::new();
-        if let (Scope::Org, Some(billing), false) = (scope, billing, org_features.is_empty()) {
-            // The batch's meters were applied just before: this is
-            // the usage after it. A plain read: orgs the meters
-            // changed are already locked by this transaction, and
-            // locking others here, out of the global order, could
-            // deadlock with an org writer.
-            let state = conn.read_org(project, id, now).await?;
-            // An org Flywheel did not provision counts from its
-            // billing row's creation.
-            signed_up_at = signed_up_at.or(Some(state.created_at));
-            for feature in &org_features {
-                let used = state
-                    .check(&billing.catalog, feature, 0, billing.grace, now)
-                    .metered
-                    .map_or(0, |metered| metered.used);
-                usage.insert((*feature).to_owned(), used);
-            }
-        }
-        subjects.insert(
-            (scope, id),
-            Subject {
-                counts,
-                dirty: BTreeSet::new(),
-                reached,
-                signed_up_at,
-                usage,
-            },
-        );
     }
+    let progress = advance(rules, &touches, &mut subjects);
 
     let mut derived = Vec::new();
     let mut messages = Vec::new();
     let mut triggers = Vec::new();
-    for &(i, scope, id) in &touches {
-        let (_, event) = fresh[i];
-        let subject = subjects.get_mut(&(scope, id)).expect("loaded above");
-        if counted.contains(event.event.as_str()) {
-            let entry = subject
-                .counts
-                .entry(event.event.clone())
-                .or_insert((0, event.timestamp));
-            entry.0 += 1;
-            subject.dirty.insert(event.event.clone());
+    for reached in &progress.reached {
+        let milestone = &reached.milestone;
+        query(
+            "INSERT INTO milestones (project_id, rule, scope, subject_id, reached_at, signed_up_at, \
+             seconds_to_value, event_id, event, count, activation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(arg_project(project))
+        .bind(&milestone.rule)
+        .bind(milestone.scope.as_str())
+        .bind(&milestone.subject_id)
+        .bind(arg_time(milestone.reached_at))
+        .bind(arg_time(milestone.signed_up_at))
+        .bind(milestone.seconds_to_value)
+        .bind(milestone.event_id.to_string())
+        .bind(&milestone.event)
+        .bind(milestone.count)
+        .bind(milestone.activation)
+        .execute(&mut *conn)
+        .await?;
+        derived.extend(derived_events(project, milestone, reached.event));
+        if milestone.activation && milestone.scope == Scope::User {
+            let inviter: Option<Option<String>> = query_scalar(
+                "SELECT invited_by_user_id FROM users WHERE project_id = $1 AND user_id = $2",
+            )
+            .bind(arg_project(project))
+            .bind(&milestone.subject_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            referral_event(
+                &mut *conn,
+                project,
+                NewReferralEvent {
+                    kind: ReferralEventKind::Activated,
+                    actor_user_id: inviter.flatten(),
+                    resource_type: "milestone".into(),
+                    resource_id: milestone.rule.clone(),
+                    via_id: None,
+                    signup_user_id: Some(milestone.subject_id.clone()),
+                    org_id: reached.event.org_id.clone(),
+                },
+                now,
+            )
+            .await?;
         }
-        // A subject Flywheel did not sign up is measured from its
-        // first counted event.
-        let signed_up_at = subject.signed_up_at.unwrap_or_else(|| {
-            subject
-                .counts
-                .values()
-                .map(|(_, first)| *first)
-                .min()
-                .unwrap_or(event.timestamp)
+        triggers.push(crate::PromptTrigger {
+            fact: flywheel_domain::prompts::TriggerFact::Milestone {
+                rule: milestone.rule.clone(),
+            },
+            user_id: reached.recipient.clone(),
+            org_id: reached.event.org_id.clone(),
+            org: None,
         });
-        for rule in rules.rules.iter().filter(|rule| rule.scope == scope) {
-            if subject.reached.contains(&rule.key) {
-                continue;
-            }
-            let value_of = |measure: &Measure| match measure {
-                Measure::Event(name) => subject.counts.get(name).map_or(0, |(count, _)| *count),
-                Measure::Feature(name) => subject.usage.get(name).copied().unwrap_or(0),
-            };
-            if !rule.is_reached(value_of) || !rule.is_within_window(signed_up_at, event.timestamp) {
-                continue;
-            }
-            let milestone = Milestone {
-                rule: rule.key.clone(),
-                scope,
-                subject_id: id.to_owned(),
-                reached_at: event.timestamp,
-                signed_up_at,
-                seconds_to_value: event
-                    .timestamp
-                    .signed_duration_since(signed_up_at)
-                    .num_seconds()
-                    .max(0),
-                event_id: event.event_id,
-                event: event.event.clone(),
-                count: subject
-                    .counts
-                    .get(&event.event)
-                    .map_or(0, |(count, _)| *count),
-                activation: rule.activation,
-            };
-            query(
-                "INSERT INTO milestones (project_id, rule, scope, subject_id, reached_at, signed_up_at, \
-                 seconds_to_value, event_id, event, count, activation) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(arg_project(project))
-            .bind(&milestone.rule)
-            .bind(scope.as_str())
-            .bind(id)
-            .bind(arg_time(milestone.reached_at))
-            .bind(arg_time(milestone.signed_up_at))
-            .bind(milestone.seconds_to_value)
-            .bind(milestone.event_id.to_string())
-            .bind(&milestone.event)
-            .bind(milestone.count)
-            .bind(milestone.activation)
-            .execute(&mut *conn)
-            .await?;
-            subject.reached.insert(rule.key.clone());
-            derived.extend(derived_events(project, &milestone, event));
-            if milestone.activation && scope == Scope::User {
-                let inviter: Option<String> = match query(
-                    "SELECT invited_by_user_id FROM users WHERE project_id = $1 AND user_id = $2",
-                )
-                .bind(arg_project(project))
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?
-                {
-                    Some(row) => row.try_get("invited_by_user_id")?,
-                    None => None,
-                };
-                referral_event(
-                    &mut *conn,
-                    project,
-                    NewReferralEvent {
-                        kind: ReferralEventKind::Activated,
-                        actor_user_id: inviter,
-                        resource_type: "milestone".into(),
-                        resource_id: milestone.rule.clone(),
-                        via_id: None,
-                        signup_user_id: Some(id.to_owned()),
-                        org_id: event.org_id.clone(),
-                    },
-                    now,
-                )
-                .await?;
-            }
-            triggers.push(crate::PromptTrigger {
-                fact: flywheel_domain::prompts::TriggerFact::Milestone {
-                    rule: milestone.rule.clone(),
-                },
-                user_id: match scope {
-                    Scope::User => Some(id.to_owned()),
-                    Scope::Org => event.user_id.clone(),
-                },
-                org_id: event.org_id.clone(),
-                org: None,
-            });
-            messages.push(OutboxMessage {
-                event_type: "milestone.reached".into(),
-                data: serde_json::to_value(&milestone).map_err(StoreError::internal)?,
-            });
-        }
+        messages.push(OutboxMessage {
+            event_type: "milestone.reached".into(),
+            data: serde_json::to_value(milestone).map_err(StoreError::internal)?,
+        });
     }
-    for ((scope, id), subject) in &subjects {
-        for name in &subject.dirty {
-            let (count, first_at) = subject.counts[name];
-            query(
-                "INSERT INTO activation_counts (project_id, scope, subject_id, event, count, first_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (project_id, scope, subject_id, event) DO UPDATE SET count = excluded.count",
-            )
-            .bind(arg_project(project))
-            .bind(scope.as_str())
-            .bind(*id)
-            .bind(name)
-            .bind(count)
-            .bind(arg_time(first_at))
-            .execute(&mut *conn)
-            .await?;
-        }
+    for count in &progress.counts {
+        query(
+            "INSERT INTO activation_counts (project_id, scope, subject_id, event, count, first_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (project_id, scope, subject_id, event) DO UPDATE SET count = excluded.count",
+        )
+        .bind(arg_project(project))
+        .bind(count.scope.as_str())
+        .bind(&count.subject_id)
+        .bind(&count.event)
+        .bind(count.count)
+        .bind(arg_time(count.first_at))
+        .execute(&mut *conn)
+        .await?;
     }
     enqueue(&mut *conn, project, &messages, now).await?;
     if let Some(billing) = billing {
         raise_prompts(&mut *conn, project, billing, &triggers, now).await?;
     }
     Ok(derived)
+}
+
+/// A subject's stored progress: counters, milestones reached, signup, and
+/// for an org the usage of the features org rules measure.
+async fn load_progress(
+    conn: &mut Conn,
+    project: ProjectId,
+    scope: flywheel_domain::activation::Scope,
+    id: &str,
+    features: &std::collections::BTreeSet<&str>,
+    billing: Option<&crate::Billing>,
+    now: DateTime<Utc>,
+) -> Result<flywheel_domain::activation::SubjectProgress, StoreError> {
+    use flywheel_domain::activation::{Scope, SubjectProgress};
+    let mut progress = SubjectProgress::default();
+    for row in query(
+        "SELECT event, count, first_at FROM activation_counts \
+         WHERE project_id = $1 AND scope = $2 AND subject_id = $3",
+    )
+    .bind(arg_project(project))
+    .bind(scope.as_str())
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        progress.counts.insert(
+            row.try_get::<String, _>("event")?,
+            (
+                row.try_get::<i64, _>("count")?,
+                read_time(&row, "first_at")?,
+            ),
+        );
+    }
+    let reached: Vec<String> = query_scalar(
+        "SELECT rule FROM milestones WHERE project_id = $1 AND scope = $2 AND subject_id = $3",
+    )
+    .bind(arg_project(project))
+    .bind(scope.as_str())
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    progress.reached = reached.into_iter().collect();
+    let signup_sql = match scope {
+        Scope::User => "SELECT created_at FROM users WHERE project_id = $1 AND user_id = $2",
+        Scope::Org => "SELECT created_at FROM org_profiles WHERE project_id = $1 AND org_id = $2",
+    };
+    progress.signed_up_at = query(signup_sql)
+        .bind(arg_project(project))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|row| read_time(&row, "created_at"))
+        .transpose()?;
+    if let (Scope::Org, Some(billing), false) = (scope, billing, features.is_empty()) {
+        // The batch's meters were applied just before: this is the usage
+        // after it. A plain read: orgs the meters changed are already
+        // locked by this transaction, and locking others here, out of the
+        // global order, could deadlock with an org writer.
+        let state = conn.read_org(project, id, now).await?;
+        // An org Flywheel did not provision counts from its billing row's
+        // creation.
+        progress.signed_up_at = progress.signed_up_at.or(Some(state.created_at));
+        for feature in features {
+            let used = state
+                .check(&billing.catalog, feature, 0, billing.grace, now)
+                .metered
+                .map_or(0, |metered| metered.used);
+            progress.usage.insert((*feature).to_owned(), used);
+        }
+    }
+    Ok(progress)
 }
 
 #[async_trait::async_trait]

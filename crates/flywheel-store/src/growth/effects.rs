@@ -51,95 +51,42 @@ pub(crate) async fn billing_effects_by(
     actors: &std::collections::HashMap<String, String>,
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
-    use flywheel_domain::billing::notice::{billing_notices, BillingNotice};
-    use flywheel_domain::billing::org::SubscriptionStatus;
-    use flywheel_domain::prompts::TriggerFact;
+    use flywheel_domain::billing::notice::{change_effects, entitlements_message};
     let mut messages = Vec::new();
     let mut live = Vec::new();
     let mut triggers = Vec::new();
     for (before, after) in changes {
-        if before.version == after.version {
-            continue;
+        let effects = change_effects(&billing.catalog, billing.grace, before, after, now);
+        let org_id = &after.org_id;
+        for (event_type, data) in effects.webhooks {
+            live.push(LiveMessage {
+                user_id: None,
+                org_id: Some(org_id.clone()),
+                kind: "entitlements".into(),
+                payload: entitlements_message(event_type, &data),
+            });
+            messages.push(OutboxMessage {
+                event_type: event_type.to_owned(),
+                data,
+            });
         }
-        let org_id = after.org_id.clone();
-        let mut upgraded_to: Option<String> = None;
-        let trigger = |fact: TriggerFact| crate::PromptTrigger {
-            fact,
-            user_id: actors.get(&org_id).cloned(),
-            org_id: Some(org_id.clone()),
-            org: Some(*after),
-        };
-        for notice in billing_notices(&billing.catalog, billing.grace, before, after, now) {
-            match notice {
-                BillingNotice::Webhook { event_type, data } => {
-                    let feature = data
-                        .get("feature")
-                        .and_then(|f| f.as_str())
-                        .map(str::to_owned);
-                    match (event_type, feature) {
-                        ("usage.warning", Some(feature)) => {
-                            triggers.push(trigger(TriggerFact::UsageWarning { feature }))
-                        }
-                        ("usage.limit_reached", Some(feature)) => {
-                            triggers.push(trigger(TriggerFact::LimitReached {
-                                feature,
-                                denied: false,
-                            }))
-                        }
-                        ("subscription.changed", _)
-                            if data.get("upgrade") == Some(&serde_json::Value::Bool(true)) =>
-                        {
-                            upgraded_to =
-                                data.get("plan").and_then(|p| p.as_str()).map(str::to_owned);
-                        }
-                        _ => {}
-                    }
-                    let mut payload = serde_json::Map::new();
-                    payload.insert("type".into(), event_type.into());
-                    if let serde_json::Value::Object(fields) = &data {
-                        payload.extend(fields.clone());
-                    }
-                    live.push(LiveMessage {
-                        user_id: None,
-                        org_id: Some(org_id.clone()),
-                        kind: "entitlements".into(),
-                        payload: payload.into(),
-                    });
-                    messages.push(OutboxMessage {
-                        event_type: event_type.to_owned(),
-                        data,
-                    });
-                }
-                BillingNotice::Converted {
-                    org_id, to_plan, ..
-                } => {
-                    record_conversion(&mut *conn, project, &org_id, &to_plan, now).await?;
-                    // A first paid plan is credited even when the
-                    // catalog's order does not call it an upgrade.
-                    upgraded_to.get_or_insert(to_plan);
-                }
-            }
+        if let Some(plan) = &effects.converted_to {
+            record_conversion(&mut *conn, project, org_id, plan, now).await?;
         }
-        if let Some(plan) = upgraded_to {
-            messages
-                .extend(credit_prompt(&mut *conn, project, billing, &org_id, &plan, now).await?);
+        if let Some(plan) = &effects.credit_plan {
+            messages.extend(credit_prompt(&mut *conn, project, billing, org_id, plan, now).await?);
         }
-        let status = |state: &OrgState| state.subscription.as_ref().map(|s| s.status);
-        let (was, is) = (status(before), status(after));
-        if is == Some(SubscriptionStatus::Trialing) && was != is {
-            let ends_at = after.subscription.as_ref().and_then(|s| s.trial_ends_at);
-            triggers.push(trigger(TriggerFact::TrialEnding { ends_at }));
-        }
-        if is == Some(SubscriptionStatus::PastDue) && was != is {
-            let since = after
-                .subscription
-                .as_ref()
-                .and_then(|s| s.past_due_since)
-                .unwrap_or(now);
-            triggers.push(trigger(TriggerFact::GraceEnding {
-                ends_at: since + billing.grace,
-            }));
-        }
+        triggers.extend(
+            effects
+                .triggers
+                .into_iter()
+                .map(|fact| crate::PromptTrigger {
+                    fact,
+                    user_id: actors.get(org_id).cloned(),
+                    org_id: Some(org_id.clone()),
+                    org: Some(*after),
+                }),
+        );
     }
     enqueue(&mut *conn, project, &messages, now).await?;
     // The change first, then the prompts it fires.

@@ -154,13 +154,12 @@ pub(crate) fn prompt_from(
     Ok(prompt)
 }
 
-/// Creates the prompts that `triggers` fire, in their
-/// transaction: for each matching rule (highest priority first)
-/// and recipient, unless the rule's frequency cap holds or the
-/// audience flag serves a variant without copy. Each prompt is
-/// rendered now, stored, sent as a `prompt.created` webhook and
-/// as a live message to its user's streams. Returns whether
-/// anything was written.
+/// Creates the prompts that `triggers` fire, in their transaction: loads
+/// what the rule needs (each trigger's org state and recipient, when each
+/// matching rule last prompted the recipient), lets
+/// [`flywheel_domain::prompts::raise`] decide, and writes each prompt with
+/// its `prompt.created` webhook and a live message to its user's streams.
+/// Returns whether anything was written.
 pub(crate) async fn raise_prompts(
     conn: &mut Conn,
     project: ProjectId,
@@ -168,170 +167,127 @@ pub(crate) async fn raise_prompts(
     triggers: &[crate::PromptTrigger<'_>],
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
-    use flywheel_domain::prompts::{
-        choose_content, deadline_variables, instantiate, plan_variables, usage_variables,
-        TriggerFact,
-    };
+    use flywheel_domain::prompts::{frequency_lookups, raise, LoadedTrigger, PromptSetting};
     if billing.prompts.is_empty() {
         return Ok(false);
     }
-    let mut messages = Vec::new();
-    let mut live = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    // Load: only for triggers some rule matches.
+    let mut read_states: Vec<Option<OrgState>> = Vec::with_capacity(triggers.len());
+    let mut recipients = Vec::with_capacity(triggers.len());
     for trigger in triggers {
-        let rules = billing.prompts.matching(&trigger.fact);
-        if rules.is_empty() {
-            continue;
+        let matched = !billing.prompts.matching(&trigger.fact).is_empty();
+        read_states.push(match (matched, trigger.org, &trigger.org_id) {
+            (true, None, Some(org_id)) => Some(conn.read_org(project, org_id, now).await?),
+            _ => None,
+        });
+        recipients.push(match (matched, &trigger.user_id, &trigger.org_id) {
+            (false, _, _) => None,
+            (true, Some(user), _) => Some(user.clone()),
+            (true, None, Some(org_id)) => org_owner(&mut *conn, project, org_id).await?,
+            (true, None, None) => None,
+        });
+    }
+    let loaded: Vec<LoadedTrigger<'_>> = triggers
+        .iter()
+        .zip(&read_states)
+        .zip(recipients)
+        .map(|((trigger, read), recipient)| LoadedTrigger {
+            fact: trigger.fact.clone(),
+            recipient,
+            org_id: trigger.org_id.clone(),
+            org: trigger.org.or(read.as_ref()),
+        })
+        .collect();
+    let mut last_prompted = HashMap::new();
+    for (rule, user) in frequency_lookups(&billing.prompts, &loaded) {
+        if let Some(at) = last_prompt(&mut *conn, project, &rule, &user).await? {
+            last_prompted.insert((rule, user), at);
         }
-        let owned_state;
-        let state = match (trigger.org, &trigger.org_id) {
-            (Some(state), _) => Some(state),
-            (None, Some(org_id)) => {
-                owned_state = conn.read_org(project, org_id, now).await?;
-                Some(&owned_state)
-            }
-            (None, None) => None,
-        };
-        let user = match (&trigger.user_id, &trigger.org_id) {
-            (Some(user), _) => Some(user.clone()),
-            (None, Some(org_id)) => {
-                let row = query(
-                    "SELECT owner_user_id FROM org_profiles WHERE project_id = $1 AND org_id = $2",
-                )
-                .bind(arg_project(project))
-                .bind(org_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-                match row {
-                    Some(row) => row.try_get::<Option<String>, _>("owner_user_id")?,
-                    None => None,
-                }
-            }
-            (None, None) => None,
-        };
-        let Some(user) = user else {
-            metrics::counter!("flywheel_prompts_skipped_total", "reason" => "no_recipient")
-                .increment(1);
-            continue;
-        };
-        for rule in rules {
-            if !seen.insert((rule.key.clone(), user.clone())) {
-                continue;
-            }
-            let last = query(
-                "SELECT created_at FROM prompts WHERE project_id = $1 AND rule = $2 AND user_id = $3 \
-                 ORDER BY created_at DESC LIMIT 1",
-            )
-            .bind(arg_project(project))
-            .bind(&rule.key)
-            .bind(&user)
-            .fetch_optional(&mut *conn)
-            .await?;
-            let last = match last {
-                Some(row) => Some(read_time(&row, "created_at")?),
-                None => None,
-            };
-            if !rule.frequency.allows(last, now) {
-                metrics::counter!("flywheel_prompts_skipped_total", "reason" => "frequency_cap")
-                    .increment(1);
-                continue;
-            }
-            let plan = state.and_then(|state| {
-                state
-                    .access(&billing.catalog, billing.grace, now)
-                    .plan
-                    .map(|(_, plan)| plan.key.clone())
-            });
-            let served: Option<String> = match &rule.audience {
-                None => None,
-                Some(audience) => {
-                    let mut context = serde_json::Map::new();
-                    context.insert("targetingKey".into(), user.clone().into());
-                    context.insert("user_id".into(), user.clone().into());
-                    if let Some(org) = &trigger.org_id {
-                        context.insert("org_id".into(), org.clone().into());
-                    }
-                    if let Some(plan) = &plan {
-                        context.insert("plan".into(), plan.clone().into());
-                    }
-                    billing
-                        .flags
-                        .evaluate(&audience.flag, &context, now.timestamp())
-                        .variant
-                        .map(str::to_owned)
-                }
-            };
-            let Some((variant, content)) = choose_content(rule, served.as_deref()) else {
-                metrics::counter!("flywheel_prompts_skipped_total", "reason" => "audience")
-                    .increment(1);
-                continue;
-            };
-            let mut variables = serde_json::Map::new();
-            let feature = trigger.fact.feature().or(rule.trigger.feature());
-            match (feature, state) {
-                (Some(feature), Some(state)) => usage_variables(
-                    &billing.catalog,
-                    state,
-                    feature,
-                    billing.grace,
-                    now,
-                    &mut variables,
-                ),
-                _ => plan_variables(&billing.catalog, plan.as_deref(), &mut variables),
-            }
-            match &trigger.fact {
-                TriggerFact::Milestone { rule } => {
-                    variables.insert("milestone".into(), rule.clone().into());
-                }
-                TriggerFact::GraceEnding { ends_at }
-                | TriggerFact::TrialEnding {
-                    ends_at: Some(ends_at),
-                } => deadline_variables(*ends_at, now, &mut variables),
-                _ => {}
-            }
-            let prompt = instantiate(
-                format!("prm_{}", uuid::Uuid::now_v7().simple()),
-                rule,
-                variant,
-                content,
-                &user,
-                trigger.org_id.as_deref(),
-                variables,
-                now,
-            );
-            let body = serde_json::to_value(&prompt).map_err(StoreError::internal)?;
-            query(
-                "INSERT INTO prompts (id, project_id, rule, user_id, org_id, variant, priority, body, \
-                 created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(&prompt.id)
-            .bind(arg_project(project))
-            .bind(&prompt.rule)
-            .bind(&prompt.user_id)
-            .bind(&prompt.org_id)
-            .bind(&prompt.variant)
-            .bind(prompt.priority)
-            .bind(arg_json(&body))
-            .bind(arg_time(prompt.created_at))
-            .bind(arg_time(prompt.expires_at))
-            .execute(&mut *conn)
-            .await?;
-            metrics::counter!("flywheel_prompts_created_total").increment(1);
-            messages.push(OutboxMessage {
-                event_type: "prompt.created".into(),
-                data: body.clone(),
-            });
-            live.push(LiveMessage {
-                user_id: Some(prompt.user_id.clone()),
-                org_id: None,
-                kind: "prompt".into(),
-                payload: body,
-            });
-        }
+    }
+    // Plan.
+    let setting = PromptSetting {
+        rules: &billing.prompts,
+        catalog: &billing.catalog,
+        grace: billing.grace,
+        flags: &billing.flags,
+    };
+    let mut new_id = || format!("prm_{}", uuid::Uuid::now_v7().simple());
+    let raised = raise(setting, &loaded, &last_prompted, now, &mut new_id);
+    for reason in &raised.skipped {
+        metrics::counter!("flywheel_prompts_skipped_total", "reason" => reason.as_str())
+            .increment(1);
+    }
+    // Write.
+    let mut messages = Vec::with_capacity(raised.prompts.len());
+    let mut live = Vec::with_capacity(raised.prompts.len());
+    for prompt in &raised.prompts {
+        let body = serde_json::to_value(prompt).map_err(StoreError::internal)?;
+        query(
+            "INSERT INTO prompts (id, project_id, rule, user_id, org_id, variant, priority, body, \
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&prompt.id)
+        .bind(arg_project(project))
+        .bind(&prompt.rule)
+        .bind(&prompt.user_id)
+        .bind(&prompt.org_id)
+        .bind(&prompt.variant)
+        .bind(prompt.priority)
+        .bind(arg_json(&body))
+        .bind(arg_time(prompt.created_at))
+        .bind(arg_time(prompt.expires_at))
+        .execute(&mut *conn)
+        .await?;
+        metrics::counter!("flywheel_prompts_created_total").increment(1);
+        messages.push(OutboxMessage {
+            event_type: "prompt.created".into(),
+            data: body.clone(),
+        });
+        live.push(LiveMessage {
+            user_id: Some(prompt.user_id.clone()),
+            org_id: None,
+            kind: "prompt".into(),
+            payload: body,
+        });
     }
     enqueue(&mut *conn, project, &messages, now).await?;
     publish_live(&mut *conn, project, &live, now).await?;
     Ok(!messages.is_empty())
+}
+
+/// The user who owns an org (signed up creating it), if known.
+async fn org_owner(
+    conn: &mut dyn SqlConn,
+    project: ProjectId,
+    org_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let owner: Option<Option<String>> = query_scalar(
+        "SELECT owner_user_id FROM org_profiles WHERE project_id = $1 AND org_id = $2",
+    )
+    .bind(arg_project(project))
+    .bind(org_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(owner.flatten())
+}
+
+/// When `rule` last prompted `user`.
+async fn last_prompt(
+    conn: &mut dyn SqlConn,
+    project: ProjectId,
+    rule: &str,
+    user: &str,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let row = query(
+        "SELECT created_at FROM prompts WHERE project_id = $1 AND rule = $2 AND user_id = $3 \
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(arg_project(project))
+    .bind(rule)
+    .bind(user)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|row| read_time(&row, "created_at")).transpose()
 }
 
 /// Records `$prompt_shown`/`$prompt_clicked`/`$prompt_dismissed`

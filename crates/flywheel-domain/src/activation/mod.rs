@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::DomainError;
 
 /// Whose progress a rule follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Scope {
@@ -403,6 +403,10 @@ pub fn derived_events(
     }
     events
 }
+
+mod progress;
+
+pub use progress::*;
 
 #[cfg(test)]
 mod tests {
