@@ -259,6 +259,9 @@ async fn a_newcomer_walks_the_whole_loop_and_every_step_is_attributed(backend: B
     .await;
     let link_id = shared["link"]["id"].as_str().unwrap();
     let (_, link) = call(s, Method::GET, &format!("/v1/share-links/{link_id}"), None).await;
+    // The write's reply and a later read carry the same instant (the
+    // system clock's nanoseconds are not in the reply only).
+    assert_eq!(link["created_at"], shared["link"]["created_at"]);
     assert_eq!(
         (link["accesses"].as_i64(), link["unique_guests"].as_i64()),
         (Some(2), Some(1))
@@ -355,6 +358,17 @@ async fn a_newcomer_walks_the_whole_loop_and_every_step_is_attributed(backend: B
     )
     .await;
     assert_eq!(listed["invitations"][0]["accepted_by_user_id"], "bob");
+    assert_eq!(
+        (
+            &listed["invitations"][0]["created_at"],
+            &listed["invitations"][0]["expires_at"]
+        ),
+        (
+            &entry["invitation"]["created_at"],
+            &entry["invitation"]["expires_at"]
+        ),
+        "the invitation reads as it was written"
+    );
 }
 
 /// A webhook receiver that answers 500 to the first delivery, to exercise a
@@ -826,6 +840,23 @@ async fn refusals_have_documented_codes(backend: Backend) {
     assert_eq!(
         (status, membership["role"].as_str()),
         (StatusCode::OK, Some("member"))
+    );
+    // The accepted event says who accepted, though carol signed up before.
+    let (_, history) = call(
+        s,
+        Method::GET,
+        "/v1/referral-events?kind=accepted&signup_user_id=carol",
+        None,
+    )
+    .await;
+    let accepted = history["events"].as_array().unwrap();
+    assert_eq!(accepted.len(), 1, "{history}");
+    assert_eq!(
+        (
+            accepted[0]["actor_user_id"].as_str(),
+            accepted[0]["org_id"].as_str()
+        ),
+        (Some("alice"), Some(org.as_str()))
     );
     // Share-link audiences and bad input.
     let (status, body) = call(s, Method::POST, "/v1/share-links", Some(json!({

@@ -346,6 +346,21 @@ async fn invitations_are_single_use_and_concurrent_accepts_have_one_winner(backe
         .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].accepted_by_user_id.as_deref(), Some("bob"));
+    // The accepted event names who joined (bob was a user already).
+    let accepted = store
+        .referral_events(
+            p,
+            &ReferralEventQuery {
+                kind: Some(ReferralEventKind::Accepted),
+                limit: 10,
+                ..ReferralEventQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].signup_user_id.as_deref(), Some("bob"));
+    assert_eq!(accepted[0].actor_user_id.as_deref(), Some("alice"));
     // Used: the token no longer opens anything for anyone else.
     let lookup = store
         .invitation_by_token(p, "hash-bob@example.com")
@@ -531,6 +546,33 @@ async fn invite_link_uses_never_exceed_max_under_concurrency(backend: Backend) {
     }
     let links = store.list_invite_links(p, "org-alice").await.unwrap();
     assert_eq!(links[0].uses, 3);
+    // Each join's accepted event names the member who joined by the link.
+    let mut members: Vec<String> = store
+        .referral_events(
+            p,
+            &ReferralEventQuery {
+                kind: Some(ReferralEventKind::Accepted),
+                limit: 10,
+                ..ReferralEventQuery::default()
+            },
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| {
+            assert_eq!(event.via_id.as_deref(), Some("link1"));
+            event.signup_user_id.expect("the member")
+        })
+        .collect();
+    members.sort();
+    let mut winners: Vec<String> = users
+        .iter()
+        .zip(&results)
+        .filter(|(_, result)| result.is_ok())
+        .map(|(user, _)| user.clone())
+        .collect();
+    winners.sort();
+    assert_eq!(members, winners);
     assert_eq!(links[0].status_at(at(5)), "exhausted");
     let revoked = store
         .revoke_invite_link(p, "org-alice", "link1", at(6))

@@ -608,6 +608,8 @@ pub struct ReferralEvent {
     pub resource_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via_id: Option<String>,
+    /// The user the event is about, whom the actor brought: who signed up,
+    /// accepted (a new or an existing user), activated or converted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signup_user_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
