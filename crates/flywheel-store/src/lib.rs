@@ -21,15 +21,15 @@ use chrono::{DateTime, Utc};
 use flywheel_domain::billing::org::{MeterInput, MeterReading, OrgCommand, OrgState};
 use flywheel_domain::billing::{Catalog, Reply};
 use flywheel_domain::events::{Event, EventType};
-use flywheel_domain::flags::{FlagAction, FlagChange, FlagEntryKind, FlagVersion};
-use flywheel_domain::privacy::ProjectSettings;
-use flywheel_domain::project::{ApiKeyRecord, KeyId, Project, ProjectId};
-use flywheel_domain::schemas::EventSchema;
+use flywheel_domain::flags::{FlagAction, FlagChange};
+use flywheel_domain::project::ProjectId;
 use flywheel_domain::snapshot::ProjectConfig;
 use flywheel_domain::DomainError;
 
+pub mod configuration;
 pub mod growth;
 pub mod postgres;
+pub mod projects;
 mod sql;
 pub mod sqlite;
 pub mod sqlite_memory;
@@ -64,6 +64,15 @@ impl Backend {
         match self {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// Appended to a `SELECT` of a row that must not change or go away
+    /// before the transaction ends (PostgreSQL's `FOR SHARE`).
+    pub(crate) fn lock_shared(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR SHARE",
         }
     }
 
@@ -410,54 +419,18 @@ pub struct StoredEvent {
 /// The storage interface every backend implements; the store test-suite in
 /// `tests/store_suite.rs` runs against each.
 #[async_trait]
-pub trait Store: growth::GrowthStore + Send + Sync + std::fmt::Debug {
+pub trait Store:
+    growth::GrowthStore
+    + projects::ProjectStore
+    + configuration::ConfigStore
+    + Send
+    + Sync
+    + std::fmt::Debug
+{
     fn backend(&self) -> Backend;
 
     /// Reachable, and every migration this binary knows is applied.
     async fn check_ready(&self) -> Result<(), StoreError>;
-
-    /// Creates a project and its initial keys in one transaction.
-    /// `Conflict("project name")` when the name is taken.
-    async fn create_project(
-        &self,
-        project: &Project,
-        keys: &[ApiKeyRecord],
-    ) -> Result<(), StoreError>;
-
-    async fn list_projects(&self) -> Result<Vec<Project>, StoreError>;
-
-    async fn project_by_id(&self, id: ProjectId) -> Result<Option<Project>, StoreError>;
-
-    async fn project_by_name(&self, name: &str) -> Result<Option<Project>, StoreError>;
-
-    /// Adds a key to an existing project (`NotFound` if it does not exist).
-    async fn insert_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
-
-    /// All keys of a project, revoked ones included, oldest first.
-    async fn list_keys(&self, project: ProjectId) -> Result<Vec<ApiKeyRecord>, StoreError>;
-
-    /// Revokes a key. Idempotent: revoking a revoked key keeps the first
-    /// revocation time. `NotFound` if the project has no such key.
-    async fn revoke_key(
-        &self,
-        project: ProjectId,
-        key: KeyId,
-        at: DateTime<Utc>,
-    ) -> Result<ApiKeyRecord, StoreError>;
-
-    /// A project with its active keys, as the decision snapshot holds it.
-    async fn load_project_config(
-        &self,
-        project: ProjectId,
-    ) -> Result<Option<ProjectConfig>, StoreError>;
-
-    async fn load_all_project_configs(&self) -> Result<Vec<ProjectConfig>, StoreError>;
-
-    /// The sequence number of the latest configuration change (0 when none).
-    async fn latest_config_seq(&self) -> Result<i64, StoreError>;
-
-    /// Changes recorded after `after_seq`.
-    async fn config_changes_since(&self, after_seq: i64) -> Result<ConfigChanges, StoreError>;
 
     /// Commits every batch in one transaction: new events get the next
     /// sequence numbers of their project, duplicates (same project and
@@ -493,37 +466,6 @@ pub trait Store: growth::GrowthStore + Send + Sync + std::fmt::Debug {
         distinct_id: &str,
     ) -> Result<Vec<String>, StoreError>;
 
-    /// Replaces the project's settings.
-    async fn update_project_settings(
-        &self,
-        project: ProjectId,
-        settings: &ProjectSettings,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
-
-    /// Creates or replaces the schema of `schema.event`.
-    async fn put_event_schema(
-        &self,
-        project: ProjectId,
-        schema: &EventSchema,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
-
-    /// Removes a schema; `NotFound` when there was none.
-    async fn delete_event_schema(
-        &self,
-        project: ProjectId,
-        event: &str,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
-
-    /// Recorded violations, newest first.
-    async fn list_schema_violations(
-        &self,
-        project: ProjectId,
-        limit: u32,
-    ) -> Result<Vec<SchemaViolation>, StoreError>;
-
     /// Deletes a person's events, identity links and memberships, and
     /// suppresses every one of `ids` so late retries are dropped. Returns how
     /// many events were deleted.
@@ -533,39 +475,6 @@ pub trait Store: growth::GrowthStore + Send + Sync + std::fmt::Debug {
         ids: &[String],
         at: DateTime<Utc>,
     ) -> Result<u64, StoreError>;
-
-    /// Writes flag-set changes as new versions, in one transaction, and
-    /// records one configuration change. A change whose definition equals the
-    /// entry's current one (or deletes an absent entry) writes nothing.
-    /// Returns the versions written.
-    async fn write_flags(
-        &self,
-        project: ProjectId,
-        changes: &[FlagChange],
-        actor: &str,
-        at: DateTime<Utc>,
-    ) -> Result<Vec<FlagVersion>, StoreError>;
-
-    /// Every version of one entry, oldest first.
-    async fn flag_history(
-        &self,
-        project: ProjectId,
-        kind: FlagEntryKind,
-        key: &str,
-    ) -> Result<Vec<FlagVersion>, StoreError>;
-
-    /// Writes a new version of the billing catalog (validated by the caller)
-    /// and records a configuration change.
-    async fn write_catalog(
-        &self,
-        project: ProjectId,
-        document: &serde_json::Value,
-        actor: &str,
-        at: DateTime<Utc>,
-    ) -> Result<CatalogVersion, StoreError>;
-
-    /// Every version of the catalog, oldest first.
-    async fn catalog_history(&self, project: ProjectId) -> Result<Vec<CatalogVersion>, StoreError>;
 
     /// An org's billing state; `None` when nothing was written for it yet.
     async fn load_org(
@@ -1025,6 +934,7 @@ pub(crate) fn distinct_projects(changed: impl IntoIterator<Item = ProjectId>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flywheel_domain::flags::FlagEntryKind;
 
     #[test]
     fn redact_url_hides_only_the_password() {

@@ -39,8 +39,11 @@ pub(crate) enum Arg<'a> {
     I32(Option<i32>),
     Bool(Option<bool>),
     Time(Option<DateTime<Utc>>),
-    Json(Cow<'a, serde_json::Value>),
+    Json(Option<Cow<'a, serde_json::Value>>),
     Project(ProjectId),
+    /// An id column that is `UUID` on PostgreSQL.
+    Uuid(uuid::Uuid),
+    Bytes(&'a [u8]),
 }
 
 /// A project id argument.
@@ -60,7 +63,22 @@ pub(crate) fn arg_opt_time(at: Option<DateTime<Utc>>) -> Arg<'static> {
 
 /// A JSON document argument.
 pub(crate) fn arg_json(value: &serde_json::Value) -> Arg<'_> {
-    Arg::Json(Cow::Borrowed(value))
+    Arg::Json(Some(Cow::Borrowed(value)))
+}
+
+/// A nullable JSON document argument.
+pub(crate) fn arg_opt_json(value: Option<&serde_json::Value>) -> Arg<'_> {
+    Arg::Json(value.map(Cow::Borrowed))
+}
+
+/// A UUID id argument (not a project id: see [`arg_project`]).
+pub(crate) fn arg_uuid(id: uuid::Uuid) -> Arg<'static> {
+    Arg::Uuid(id)
+}
+
+/// A binary argument.
+pub(crate) fn arg_bytes(bytes: &[u8]) -> Arg<'_> {
+    Arg::Bytes(bytes)
 }
 
 impl<'a> From<&'a str> for Arg<'a> {
@@ -326,17 +344,34 @@ pub(crate) fn read_json(row: &Row, column: &str) -> Result<serde_json::Value, St
     }
 }
 
-/// Reads a project id column (SQLite: UUID text).
-pub(crate) fn read_project(row: &Row, column: &str) -> Result<ProjectId, StoreError> {
+/// Reads a nullable JSON column.
+pub(crate) fn read_opt_json(
+    row: &Row,
+    column: &str,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    match row {
+        Row::Sqlite(row) => row
+            .try_get::<Option<String>, _>(column)?
+            .map(|text| serde_json::from_str(&text).map_err(StoreError::internal))
+            .transpose(),
+        Row::Pg(row) => Ok(row.try_get(column)?),
+    }
+}
+
+/// Reads a UUID id column (SQLite: UUID text).
+pub(crate) fn read_uuid(row: &Row, column: &str) -> Result<uuid::Uuid, StoreError> {
     match row {
         Row::Sqlite(row) => {
             let text: String = row.try_get(column)?;
-            uuid::Uuid::parse_str(&text)
-                .map(ProjectId)
-                .map_err(StoreError::internal)
+            uuid::Uuid::parse_str(&text).map_err(StoreError::internal)
         }
-        Row::Pg(row) => Ok(ProjectId(row.try_get(column)?)),
+        Row::Pg(row) => Ok(row.try_get(column)?),
     }
+}
+
+/// Reads a project id column (SQLite: UUID text).
+pub(crate) fn read_project(row: &Row, column: &str) -> Result<ProjectId, StoreError> {
+    read_uuid(row, column).map(ProjectId)
 }
 
 /// SQLite's times are Unix microseconds.
@@ -358,8 +393,10 @@ pub(crate) fn bind_sqlite<'q>(sql: &'q Sql<'_>) -> Query<'q, Sqlite, SqliteArgum
             Arg::I32(value) => query.bind(*value),
             Arg::Bool(value) => query.bind(*value),
             Arg::Time(at) => query.bind(at.map(|at| at.timestamp_micros())),
-            Arg::Json(value) => query.bind(value.to_string()),
+            Arg::Json(value) => query.bind(value.as_ref().map(|value| value.to_string())),
             Arg::Project(project) => query.bind(project.0.to_string()),
+            Arg::Uuid(id) => query.bind(id.to_string()),
+            Arg::Bytes(bytes) => query.bind(*bytes),
         })
 }
 
@@ -373,8 +410,14 @@ pub(crate) fn bind_pg<'q>(sql: &'q Sql<'_>) -> Query<'q, Postgres, PgArguments> 
             Arg::I32(value) => query.bind(*value),
             Arg::Bool(value) => query.bind(*value),
             Arg::Time(at) => query.bind(*at),
-            Arg::Json(value) => query.bind(sqlx::types::Json(value.as_ref())),
+            Arg::Json(value) => query.bind(
+                value
+                    .as_ref()
+                    .map(|value| sqlx::types::Json(value.as_ref())),
+            ),
             Arg::Project(project) => query.bind(project.0),
+            Arg::Uuid(id) => query.bind(*id),
+            Arg::Bytes(bytes) => query.bind(*bytes),
         })
 }
 

@@ -8,6 +8,7 @@
 use chrono::Utc;
 use flywheel_domain::events::{decode_native_text, Envelope};
 use flywheel_domain::project::{Project, ProjectId};
+use flywheel_store::projects::ProjectStore;
 use flywheel_store::sqlite::SqliteStore;
 use flywheel_store::sqlite_memory::{configure, Configured};
 use flywheel_store::{EncodedEvent, EventBatch, EventQuery, Store, StoreOptions};
