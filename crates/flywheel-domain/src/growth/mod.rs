@@ -6,5 +6,6 @@ pub mod email;
 pub mod guest_token;
 pub mod model;
 pub mod password;
+pub mod seats;
 pub mod token;
 pub mod webhook_signature;

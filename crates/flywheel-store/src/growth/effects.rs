@@ -7,12 +7,10 @@ use crate::growth::prompts::*;
 use crate::sql::*;
 use crate::*;
 use chrono::{DateTime, Utc};
-use flywheel_domain::billing::answer::Reply;
-use flywheel_domain::billing::catalog::FeatureKind;
-use flywheel_domain::billing::org::{OrgCommand, OrgState};
+use flywheel_domain::billing::org::OrgState;
 use flywheel_domain::growth::model::{Attribution, NewReferralEvent, ReferralEventKind};
+use flywheel_domain::growth::seats;
 use flywheel_domain::project::ProjectId;
-use flywheel_domain::{DomainError, ErrorKind};
 use std::sync::Arc;
 
 /// What billing writes imply beyond the org rows, in their
@@ -279,9 +277,9 @@ pub(crate) async fn record_conversion(
     .await
 }
 
-/// Takes one seat of the org when the catalog meters seats;
-/// always loads (and so creates) the org's billing row. Returns
-/// the org's state after.
+/// Takes one seat of the org (the domain's `seats::take_seat`); always
+/// loads (and so creates) the org's billing row, written when new so that
+/// the usage anchor is the signup. Returns the org's state after.
 pub(crate) async fn take_seat(
     conn: &mut Conn,
     project: ProjectId,
@@ -290,46 +288,20 @@ pub(crate) async fn take_seat(
     now: DateTime<Utc>,
 ) -> Result<Ruled<OrgState>, StoreError> {
     let before = conn.load_org(project, org_id, now).await?;
-    let catalog = &policy.billing.catalog;
-    let metered = catalog
-        .feature(&policy.seats_feature)
-        .is_some_and(|(_, feature)| feature.kind == FeatureKind::Metered);
-    if !metered {
-        // Written when new, so the usage anchor is the signup.
-        let saved = conn.save_org(project, &before, before.clone()).await?;
-        return Ok(Ok(saved));
-    }
-    let mut after = before.clone();
-    let command = OrgCommand::Consume {
-        feature: policy.seats_feature.clone(),
-        amount: 1,
+    let after = match seats::take_seat(policy.seat_rules(), &before, now) {
+        Ok(after) => after,
+        Err(error) => return rules(error),
     };
-    match after.execute(catalog, &command, policy.billing.grace, now) {
-        Ok(Reply::Usage(answer)) if !answer.allowed => rules(DomainError::new(
-            ErrorKind::Forbidden,
-            "seat_limit_reached",
-            match answer.limit {
-                Some(limit) => format!(
-                    "the org uses {} of {limit} seats; upgrade or free a seat first",
-                    answer.used.unwrap_or(limit)
-                ),
-                None => "the org's plan does not include seats".to_owned(),
-            },
-        )),
-        Ok(_) => {
-            let saved = conn.save_org(project, &before, after).await?;
-            billing_effects(
-                &mut *conn,
-                project,
-                &policy.billing,
-                &[(&before, &saved)],
-                now,
-            )
-            .await?;
-            Ok(Ok(saved))
-        }
-        Err(error) => rules(error),
-    }
+    let saved = conn.save_org(project, &before, after).await?;
+    billing_effects(
+        &mut *conn,
+        project,
+        &policy.billing,
+        &[(&before, &saved)],
+        now,
+    )
+    .await?;
+    Ok(Ok(saved))
 }
 
 pub(crate) fn plan_of(

@@ -7,8 +7,6 @@ use crate::growth::outbound::*;
 use crate::sql::*;
 use crate::*;
 use chrono::{DateTime, Utc};
-use flywheel_domain::billing::catalog::FeatureKind;
-use flywheel_domain::billing::org::OrgCommand;
 use flywheel_domain::project::ProjectId;
 use flywheel_domain::{DomainError, ErrorKind};
 use std::sync::Arc;
@@ -263,35 +261,17 @@ impl<S: SqlBackend> MemberStore for S {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
-        let catalog = &policy.billing.catalog;
-        let metered = catalog
-            .feature(&policy.seats_feature)
-            .is_some_and(|(_, feature)| feature.kind == FeatureKind::Metered);
-        let mut state = before.clone();
-        if metered {
-            let mut after = before.clone();
-            let command = OrgCommand::Release {
-                feature: policy.seats_feature.clone(),
-                amount: 1,
-            };
-            // A seat the catalog no longer lets us give back
-            // must not keep a member in: removal always works.
-            if after
-                .execute(catalog, &command, policy.billing.grace, now)
-                .is_ok()
-            {
-                let saved = tx.save_org(project, &before, after).await?;
-                billing_effects(
-                    &mut *tx,
-                    project,
-                    &policy.billing,
-                    &[(&before, &saved)],
-                    now,
-                )
-                .await?;
-                state = saved;
-            }
-        }
+        let after =
+            flywheel_domain::growth::seats::give_back_seat(policy.seat_rules(), &before, now);
+        let state = tx.save_org(project, &before, after).await?;
+        billing_effects(
+            &mut *tx,
+            project,
+            &policy.billing,
+            &[(&before, &state)],
+            now,
+        )
+        .await?;
         let message = OutboxMessage {
             event_type: "membership.removed".into(),
             data: serde_json::json!({

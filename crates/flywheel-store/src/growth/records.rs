@@ -68,6 +68,17 @@ pub struct GrowthPolicy {
     pub billing: Billing,
 }
 
+impl GrowthPolicy {
+    /// The rules seats are taken and given back under.
+    pub fn seat_rules(&self) -> flywheel_domain::growth::seats::SeatRules<'_> {
+        flywheel_domain::growth::seats::SeatRules {
+            catalog: &self.billing.catalog,
+            feature: &self.seats_feature,
+            grace: self.billing.grace,
+        }
+    }
+}
+
 /// A message for the product's webhook endpoints, written in the
 /// transaction of the effect it reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
