@@ -158,7 +158,9 @@ impl<S: SqlBackend> ConfigStore for S {
             )
             .bind(arg_project(project))
             .bind(&schema.event)
-            .bind(i32::try_from(schema.version).map_err(StoreError::internal)?)
+            // PostgreSQL casts it to the INT4 column (refusing what does
+            // not fit); SQLite keeps all 64 bits.
+            .bind(i64::from(schema.version))
             .bind(arg_json(&required))
             .bind(arg_time(at))
             .execute(&mut *tx)

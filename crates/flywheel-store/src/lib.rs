@@ -497,7 +497,7 @@ pub trait Store:
     async fn execute_org_requests(&self, requests: &[OrgRequest]) -> Result<OrgCommit, StoreError>;
 
     /// A push channel for changes, where the backend has one (PostgreSQL);
-    /// `None` means the caller polls [`Store::config_changes_since`].
+    /// `None` means the caller polls [`projects::ProjectStore::config_changes_since`].
     async fn config_listener(&self) -> Result<Option<Box<dyn ConfigListener>>, StoreError>;
 }
 

@@ -177,15 +177,19 @@ async fn config_of(conn: &mut dyn SqlConn, project: Project) -> Result<ProjectCo
         .await?;
     let settings =
         serde_json::from_value(read_json(&row, "settings")?).map_err(StoreError::internal)?;
-    let rows = query("SELECT event, version, required FROM event_schemas WHERE project_id = $1")
-        .bind(arg_project(project.id))
-        .fetch_all(&mut *conn)
-        .await?;
+    // The version is INT4 on PostgreSQL and a 64-bit INTEGER on SQLite: read
+    // as BIGINT on both.
+    let rows = query(
+        "SELECT event, CAST(version AS BIGINT) AS version, required FROM event_schemas \
+         WHERE project_id = $1",
+    )
+    .bind(arg_project(project.id))
+    .fetch_all(&mut *conn)
+    .await?;
     let mut schemas = BTreeMap::new();
     for row in rows {
         let event: String = row.try_get("event")?;
-        // INTEGER on both backends (INT4 on PostgreSQL).
-        let version: i32 = row.try_get("version")?;
+        let version: i64 = row.try_get("version")?;
         let schema = EventSchema {
             event: event.clone(),
             version: u32::try_from(version).map_err(StoreError::internal)?,

@@ -3,8 +3,8 @@
 //! `RETURNING`), with their arguments as backend-neutral [`Arg`]s. What truly
 //! differs lives in small named pieces:
 //!
-//! * [`Backend`]'s `lock`, `skip_locked` and `late_commits`: the lock
-//!   suffixes and whether numbers can commit late;
+//! * [`Backend`]'s `lock`, `lock_shared`, `skip_locked` and `late_commits`:
+//!   the lock suffixes and whether numbers can commit late;
 //! * how an [`Arg`] is bound and a [`Row`] column read (times are Unix
 //!   microseconds and ids UUID text on SQLite; `TIMESTAMPTZ`, `UUID` and
 //!   `JSONB` on PostgreSQL): `bind_sqlite` / `bind_pg` here, and the
@@ -278,7 +278,9 @@ pub(crate) enum Row {
 }
 
 /// A type both backends decode the same way (text, integers, booleans).
-/// Times, JSON and project ids differ: read them with the `read_*` functions.
+/// Times, JSON and ids differ: read them with the `read_*` functions. So do
+/// integer widths: PostgreSQL's `INTEGER` is 32 bits (read `i32`, or
+/// `CAST(… AS BIGINT)` to read `i64`), SQLite's always 64.
 pub(crate) trait Column:
     for<'r> sqlx::Decode<'r, Sqlite>
     + sqlx::Type<Sqlite>
@@ -511,7 +513,8 @@ impl std::ops::DerefMut for Tx {
 /// A read connection from a backend's pool.
 pub(crate) type Reader = Box<dyn SqlConn>;
 
-/// What the shared growth implementation needs of a backend's store.
+/// What the shared implementations (projects, configuration, the growth
+/// areas) need of a backend's store.
 #[async_trait]
 pub(crate) trait SqlBackend: Send + Sync {
     const BACKEND: crate::Backend;

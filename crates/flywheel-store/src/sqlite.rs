@@ -23,6 +23,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::number_events;
+use crate::projects::UnknownValue;
 use crate::sql::{
     bind_sqlite, micros_to_time, Done, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn, Tx,
     TxHandle, WriteConn,
@@ -149,11 +150,6 @@ impl SqliteStore {
         Ok(())
     }
 }
-
-/// A stored enum value this build does not know.
-#[derive(Debug, thiserror::Error)]
-#[error("unexpected stored value `{0}`")]
-pub(crate) struct UnknownValue(pub(crate) String);
 
 fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
     let text: String = row.try_get(column)?;

@@ -1,7 +1,7 @@
 //! Activation rules and the milestones they record: `GET/PUT
 //! /v1/activation-rules`, `GET /v1/users/{id}/milestones`,
 //! `GET /v1/orgs/{org}/milestones`. The rules are applied by the store
-//! when events commit (see `GrowthStore::apply_activation`).
+//! when events commit (see `flywheel-store`'s `growth::activation::apply_activation`).
 
 use axum::extract::{Path, State};
 use axum::routing::get;

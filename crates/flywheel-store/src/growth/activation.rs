@@ -14,7 +14,6 @@ use flywheel_domain::project::ProjectId;
 /// Activation rules and the milestones they record.
 #[async_trait::async_trait]
 pub trait ActivationStore: Send + Sync {
-    /// Schedules a delivery again now, whatever its state.
     /// Stores a new version of the project's activation rules (validated
     /// by the caller) and records the configuration change. Returns the
     /// version.

@@ -142,7 +142,8 @@ pub(crate) async fn join_as_user(
             resource_type: "org".into(),
             resource_id: org_id.to_owned(),
             via_id: Some(via_id.to_owned()),
-            // The member who joined, as for a signup through the invitation.
+            // The member who joined (by an invitation or an invite link), as
+            // for a signup through it.
             signup_user_id: Some(request.user_id.clone()),
             org_id: Some(org_id.to_owned()),
         },

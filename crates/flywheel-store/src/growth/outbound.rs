@@ -81,6 +81,7 @@ pub trait OutboundStore: Send + Sync {
         project: ProjectId,
         query: &DeliveryQuery,
     ) -> Result<Vec<DeliveryRecord>, crate::StoreError>;
+    /// Schedules a delivery again now, whatever its state.
     async fn replay_delivery(
         &self,
         project: ProjectId,

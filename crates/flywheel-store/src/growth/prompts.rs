@@ -71,13 +71,13 @@ pub trait PromptStore: Send + Sync {
         &self,
         seqs: &[i64],
     ) -> Result<Vec<LiveRecord>, crate::StoreError>;
+    /// Deletes live messages older than `older_than` (past the resume
+    /// window). Returns how many.
+    async fn prune_live(&self, older_than: DateTime<Utc>) -> Result<u64, crate::StoreError>;
     /// What a stream of `user_id` (following `orgs`) missed after
     /// `after_seq`, in order; on PostgreSQL also the messages numbered at or
     /// below it that committed in the last `late_commits` (numbers can
     /// commit out of order there), which the client may see twice.
-    /// Deletes live messages older than `older_than` (past the resume
-    /// window). Returns how many.
-    async fn prune_live(&self, older_than: DateTime<Utc>) -> Result<u64, crate::StoreError>;
     async fn live_messages_for(
         &self,
         project: ProjectId,

@@ -198,7 +198,7 @@ pub struct ResendRequest {
     pub token_prefix: String,
     pub expires_at: DateTime<Utc>,
     /// Rendered by the caller once it knows the address (see
-    /// [`GrowthStore::invitation_by_id`]).
+    /// [`InvitationStore::invitation_by_id`](super::InvitationStore::invitation_by_id)).
     pub email_message: Option<RenderedEmail>,
     pub policy: InvitationPolicy,
     pub now: DateTime<Utc>,
@@ -276,7 +276,7 @@ impl WebhookEndpoint {
     }
 }
 
-/// What [`GrowthStore::prune_outbound`] deleted.
+/// What [`OutboundStore::prune_outbound`](super::OutboundStore::prune_outbound) deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrunedOutbound {
     pub messages: u64,
