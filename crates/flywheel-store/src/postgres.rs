@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use crate::number_events;
 use crate::sql::{
-    bind_pg, Done, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn, Tx, TxHandle, WriteConn,
+    bind_pg, Done, Pooled, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn, Transaction, Tx,
+    WriteConn,
 };
 use crate::{
     apply_readings, meter_inputs, plan_links, plan_org_write, plan_traits, redact_url,
@@ -1170,49 +1171,11 @@ impl SqlBackend for PgStore {
     const BACKEND: Backend = Backend::Postgres;
 
     async fn begin(&self) -> Result<Tx, StoreError> {
-        Ok(Tx::new(PgTx(self.pool.begin().await?)))
+        Ok(Tx::new(Transaction(self.pool.begin().await?)))
     }
 
     async fn reader(&self) -> Result<Reader, StoreError> {
-        Ok(Box::new(PgReader(self.pool.acquire().await?)))
-    }
-}
-
-struct PgTx(sqlx::Transaction<'static, Postgres>);
-
-#[async_trait]
-impl TxHandle for PgTx {
-    fn conn(&mut self) -> &mut (dyn WriteConn + 'static) {
-        &mut *self.0
-    }
-
-    fn conn_ref(&self) -> &(dyn WriteConn + 'static) {
-        &*self.0
-    }
-
-    async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
-        self.0.commit().await
-    }
-}
-
-struct PgReader(sqlx::pool::PoolConnection<Postgres>);
-
-#[async_trait]
-impl SqlConn for PgReader {
-    fn backend(&self) -> Backend {
-        Backend::Postgres
-    }
-
-    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
-        SqlConn::execute(&mut *self.0, sql).await
-    }
-
-    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<SqlRow>, sqlx::Error> {
-        SqlConn::fetch_all(&mut *self.0, sql).await
-    }
-
-    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<SqlRow>, sqlx::Error> {
-        SqlConn::fetch_optional(&mut *self.0, sql).await
+        Ok(Box::new(Pooled(self.pool.acquire().await?)))
     }
 }
 

@@ -513,6 +513,54 @@ impl std::ops::DerefMut for Tx {
 /// A read connection from a backend's pool.
 pub(crate) type Reader = Box<dyn SqlConn>;
 
+/// A pooled connection of either backend, as a [`Reader`].
+pub(crate) struct Pooled<DB: sqlx::Database>(pub(crate) sqlx::pool::PoolConnection<DB>);
+
+#[async_trait]
+impl<DB> SqlConn for Pooled<DB>
+where
+    DB: sqlx::Database,
+    DB::Connection: SqlConn,
+{
+    fn backend(&self) -> Backend {
+        (*self.0).backend()
+    }
+
+    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
+        SqlConn::execute(&mut *self.0, sql).await
+    }
+
+    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<Row>, sqlx::Error> {
+        SqlConn::fetch_all(&mut *self.0, sql).await
+    }
+
+    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<Row>, sqlx::Error> {
+        SqlConn::fetch_optional(&mut *self.0, sql).await
+    }
+}
+
+/// A write transaction of either backend, as a [`Tx`].
+pub(crate) struct Transaction<DB: sqlx::Database>(pub(crate) sqlx::Transaction<'static, DB>);
+
+#[async_trait]
+impl<DB> TxHandle for Transaction<DB>
+where
+    DB: sqlx::Database,
+    DB::Connection: WriteConn + 'static,
+{
+    fn conn(&mut self) -> &mut (dyn WriteConn + 'static) {
+        &mut *self.0
+    }
+
+    fn conn_ref(&self) -> &(dyn WriteConn + 'static) {
+        &*self.0
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
+        self.0.commit().await
+    }
+}
+
 /// What the shared implementations (projects, configuration, the growth
 /// areas) need of a backend's store.
 #[async_trait]

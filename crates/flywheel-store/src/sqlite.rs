@@ -25,8 +25,8 @@ use uuid::Uuid;
 use crate::number_events;
 use crate::projects::UnknownValue;
 use crate::sql::{
-    bind_sqlite, micros_to_time, Done, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn, Tx,
-    TxHandle, WriteConn,
+    bind_sqlite, micros_to_time, Done, Pooled, Reader, Row as SqlRow, Sql, SqlBackend, SqlConn,
+    Transaction, Tx, WriteConn,
 };
 use crate::{
     apply_readings, meter_inputs, plan_links, plan_org_write, plan_traits, run_org_requests, timed,
@@ -1177,51 +1177,13 @@ impl SqlBackend for SqliteStore {
     const BACKEND: Backend = Backend::Sqlite;
 
     async fn begin(&self) -> Result<Tx, StoreError> {
-        Ok(Tx::new(SqliteTx(
+        Ok(Tx::new(Transaction(
             self.writer.begin_with("BEGIN IMMEDIATE").await?,
         )))
     }
 
     async fn reader(&self) -> Result<Reader, StoreError> {
-        Ok(Box::new(SqliteReader(self.reader.acquire().await?)))
-    }
-}
-
-struct SqliteTx(sqlx::Transaction<'static, Sqlite>);
-
-#[async_trait]
-impl TxHandle for SqliteTx {
-    fn conn(&mut self) -> &mut (dyn WriteConn + 'static) {
-        &mut *self.0
-    }
-
-    fn conn_ref(&self) -> &(dyn WriteConn + 'static) {
-        &*self.0
-    }
-
-    async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
-        self.0.commit().await
-    }
-}
-
-struct SqliteReader(sqlx::pool::PoolConnection<Sqlite>);
-
-#[async_trait]
-impl SqlConn for SqliteReader {
-    fn backend(&self) -> Backend {
-        Backend::Sqlite
-    }
-
-    async fn execute(&mut self, sql: Sql<'_>) -> Result<Done, sqlx::Error> {
-        SqlConn::execute(&mut *self.0, sql).await
-    }
-
-    async fn fetch_all(&mut self, sql: Sql<'_>) -> Result<Vec<SqlRow>, sqlx::Error> {
-        SqlConn::fetch_all(&mut *self.0, sql).await
-    }
-
-    async fn fetch_optional(&mut self, sql: Sql<'_>) -> Result<Option<SqlRow>, sqlx::Error> {
-        SqlConn::fetch_optional(&mut *self.0, sql).await
+        Ok(Box::new(Pooled(self.reader.acquire().await?)))
     }
 }
 
